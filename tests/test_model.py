@@ -1,0 +1,89 @@
+import torch
+import pytest
+
+from model import JointEmbedding, contrastive_loss, cosine_scores, order_scores, score_matrix
+
+
+def broadcast_order_scores(images, captions):
+    """The straightforward definition: S[i, c] = -sum_d max(0, c_d - i_d)^2."""
+    return -(captions[None, :, :] - images[:, None, :]).clamp(min=0).pow(2).sum(-1)
+
+
+def test_order_scores_by_hand():
+    images = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
+    captions = torch.tensor([[0.2, 0.3], [0.6, 0.1], [0.3, 0.95]])
+    expected = torch.tensor([
+        [0.0, -(0.1 ** 2), -(0.45 ** 2)],                 # image 0 dominates caption 0 in both dims
+        [-(0.1 ** 2), -(0.5 ** 2), -(0.2 ** 2 + 0.05 ** 2)],
+    ])
+    torch.testing.assert_close(order_scores(images, captions), expected)
+
+
+@pytest.mark.parametrize('n_images,n_captions,dim', [(128, 128, 1024), (7, 33, 5), (3, 300, 1024), (130, 2, 64)])
+def test_tiled_order_scores_equal_the_broadcast_with_gradients(n_images, n_captions, dim):
+    g = torch.Generator().manual_seed(n_images)
+    images = torch.rand(n_images, dim, generator=g, requires_grad=True)
+    captions = torch.rand(n_captions, dim, generator=g, requires_grad=True)
+    weights = torch.randn(n_images, n_captions, generator=g)
+    ref = broadcast_order_scores(images, captions)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (images, captions))
+    fast = order_scores(images, captions)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (images, captions))
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(score_matrix(images.detach(), captions.detach(), 'order'), ref.detach())
+
+
+def test_contrastive_loss_by_hand_sum_and_max():
+    scores = torch.tensor([[0.9, 0.8, 0.1],
+                           [0.5, 0.4, 0.7],
+                           [0.2, 0.6, 0.3]])
+    m = 0.2
+    # rows: an image against the other captions; columns: a caption against the other images
+    rows = [[max(0, m + 0.8 - 0.9), max(0, m + 0.1 - 0.9)],
+            [max(0, m + 0.5 - 0.4), max(0, m + 0.7 - 0.4)],
+            [max(0, m + 0.2 - 0.3), max(0, m + 0.6 - 0.3)]]
+    cols = [[max(0, m + 0.5 - 0.9), max(0, m + 0.2 - 0.9)],
+            [max(0, m + 0.8 - 0.4), max(0, m + 0.6 - 0.4)],
+            [max(0, m + 0.1 - 0.3), max(0, m + 0.7 - 0.3)]]
+    total = sum(map(sum, rows)) + sum(map(sum, cols))
+    hardest = sum(map(max, rows)) + sum(map(max, cols))
+    assert contrastive_loss(scores, m).item() == pytest.approx(total, abs=1e-6)
+    assert contrastive_loss(scores, m, max_violation=True).item() == pytest.approx(hardest, abs=1e-6)
+    assert total == pytest.approx(3.1)
+    assert hardest == pytest.approx(2.3)
+
+
+def test_contrastive_loss_on_order_and_cosine_scores_by_hand():
+    images = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    captions = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    m = 0.05
+    # cosine: [[1, .8], [.6, 0]]; order: [[0, -(.2^2)], [-(.8^2), -1]]
+    cos = cosine_scores(images, captions)
+    torch.testing.assert_close(cos, torch.tensor([[1.0, 0.8], [0.6, 0.0]]))
+    expected_cos = max(0, m + .8 - 1) + max(0, m + .6 - 0) + max(0, m + .6 - 1) + max(0, m + .8 - 0)
+    assert contrastive_loss(cos, m).item() == pytest.approx(expected_cos)
+    order = order_scores(images, captions)
+    torch.testing.assert_close(order, torch.tensor([[0.0, -0.04], [-0.64, -1.0]]))
+    expected_order = max(0, m - .04 - 0) + max(0, m - .64 + 1) + max(0, m - .64 - 0) + max(0, m - .04 + 1)
+    assert contrastive_loss(order, m).item() == pytest.approx(expected_order)
+
+
+def test_encoders_batch_equals_one_at_a_time():
+    torch.manual_seed(0)
+    model = JointEmbedding(feature_dim=16, vocab_size=30, word_dim=8, embed_dim=12, measure='order').eval()
+    lengths = torch.tensor([3, 7, 1, 5])
+    tokens = torch.zeros(4, 7, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = torch.randint(2, 30, (int(n),))
+    batch = model.encode_captions(tokens, lengths)
+    for row, n in enumerate(lengths):
+        _, h = model.gru(model.word_embed(tokens[row:row + 1, :n]))
+        single = torch.nn.functional.normalize(h[0], dim=1).abs()
+        torch.testing.assert_close(batch[row:row + 1], single, rtol=1e-5, atol=1e-6)
+    assert (batch >= 0).all() and torch.allclose(batch.norm(dim=1), torch.ones(4))
+    images = model.encode_images(torch.randn(5, 16))
+    assert (images >= 0).all() and torch.allclose(images.norm(dim=1), torch.ones(5))
+    cosine = JointEmbedding(16, 30, 8, 12, measure='cosine')
+    assert (cosine.encode_images(torch.randn(50, 16)) < 0).any()  # no abs() for cosine

@@ -1,0 +1,213 @@
+"""What prep.py, train.py and eval.py share: the command line, the prepared-data format,
+safe file writing, and the retrieval metrics."""
+import ast
+import json
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+CAPS_PER_IMAGE = 5           # image i owns captions 5i .. 5i+4 in every prepared split
+PAD, UNK = '<pad>', '<unk>'  # ids 0 and 1 in every vocab.json
+
+
+class UserError(Exception):
+    """A problem the user can fix (a missing file, a bad option): printed as one line, exit 1."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_config(defaults, argv):
+    """Apply `--name=value` overrides to a dict of defaults. Values are Python literals
+    (`--lr=3e-4`, `--max_violation=True`); anything else is taken as a string."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg == '--debug':
+            continue
+        if not arg.startswith('--') or '=' not in arg:
+            raise UserError(f"argument {arg!r}: options are written --name=value")
+        key, text = arg[2:].split('=', 1)
+        if key not in config:
+            raise UserError(f"unknown option --{key}; the options are: " + ', '.join(sorted(config)))
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        default = config[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            value = text  # e.g. --split=1 stays the string '1'
+        if type(value) is not type(default):
+            raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}")
+        config[key] = value
+    return config
+
+
+def run_main(main):
+    """Run a script's main(argv). A UserError is one line on stderr and exit 1; with --debug
+    the traceback is shown instead."""
+    argv = sys.argv[1:]
+    try:
+        main(argv)
+    except UserError as e:
+        if '--debug' in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name):
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+# ----------------------------------------------------------------------------- safe writing
+
+@contextmanager
+def atomic_open(path, mode='wb'):
+    """Write `path` all or nothing: a temporary file in the same folder, fsync, then rename.
+    A crash at any moment leaves either the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.write('\n')
+
+
+def read_json(path, what='file'):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore or regenerate it") from None
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+def split_paths(data_dir, split):
+    """The files prep.py writes for one split."""
+    return (os.path.join(data_dir, f'{split}_ims.npy'),    # float32 (N, D), rows L2-normalized
+            os.path.join(data_dir, f'{split}_caps.txt'))   # 5N lines of space-separated tokens
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise UserError(f"{path}: dataset not prepared; run prep.py first (see README)")
+    return read_json(path, 'metadata')
+
+
+def load_split(data_dir, split):
+    """(features float32 (N, D), captions list of 5N token strings) of a prepared split."""
+    meta = load_meta(data_dir)
+    if split not in meta['splits']:
+        raise UserError(f"{data_dir}: no split {split!r}; prepared splits are {sorted(meta['splits'])}")
+    ims_path, caps_path = split_paths(data_dir, split)
+    try:
+        feats = np.load(ims_path, mmap_mode='r', allow_pickle=False)
+        with open(caps_path, encoding='utf-8') as f:
+            captions = f.read().splitlines()
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); run prep.py again with --force=True") from None
+    if feats.ndim != 2 or len(captions) != CAPS_PER_IMAGE * len(feats):
+        raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); "
+                        "run prep.py again with --force=True")
+    return np.array(feats, dtype=np.float32), captions  # a private, writable copy
+
+
+def encode_captions(captions, vocab):
+    """Token strings -> (LongTensor (n, max_len) padded with 0, LongTensor lengths)."""
+    unk = vocab[UNK]
+    ids = [[vocab.get(w, unk) for w in c.split()] for c in captions]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    if len(ids) and int(lengths.min()) == 0:
+        raise UserError(f"caption {int(lengths.argmin())} is empty; run prep.py again")
+    tokens = torch.zeros(len(ids), int(lengths.max()) if len(ids) else 1, dtype=torch.long)
+    for row, x in enumerate(ids):
+        tokens[row, :len(x)] = torch.tensor(x)
+    return tokens, lengths
+
+
+@torch.no_grad()
+def embed_split(model, feats, captions, vocab, device, batch_size=1024):
+    """Embed a split's images (N, D features) and captions (token strings) in batches."""
+    tokens, lengths = encode_captions(captions, vocab)
+    images = [model.encode_images(torch.from_numpy(np.ascontiguousarray(feats[i:i + batch_size])).to(device))
+              for i in range(0, len(feats), batch_size)]
+    caps = [model.encode_captions(tokens[i:i + batch_size, :int(lengths[i:i + batch_size].max())].to(device),
+                                  lengths[i:i + batch_size])
+            for i in range(0, len(tokens), batch_size)]
+    return torch.cat(images), torch.cat(caps)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def retrieval_ranks(scores):
+    """0-based ranks of the ground truth from an (N images, 5N captions) score matrix, higher
+    = better. i2t: each image's best-placed caption among all captions; t2i: each caption's
+    image among all images. Ties count against the ground truth, so a model that scores
+    everything the same ranks last, not first. Counting replaces sorting."""
+    n, m = scores.shape
+    k = m // n
+    if m != k * n:
+        raise ValueError(f"{m} captions is not a multiple of {n} images")
+    if not torch.isfinite(scores).all():
+        raise UserError("the model produced non-finite scores (NaN or inf); the checkpoint or the features are broken")
+    own = scores.view(n, n, k)[torch.arange(n), torch.arange(n)]          # (n, k): each image's own captions
+    best = own.max(1).values
+    i2t = (scores >= best[:, None]).sum(1) - (own >= best[:, None]).sum(1)
+    positive = own.reshape(-1)                                             # score of caption j with its image
+    t2i = (scores >= positive[None, :]).sum(0) - 1
+    return i2t, t2i
+
+
+def recall_table(ranks):
+    ranks = ranks.double()
+    table = {f'r{k}': 100.0 * (ranks < k).double().mean().item() for k in (1, 5, 10)}
+    table['medr'] = float(torch.floor(torch.quantile(ranks, 0.5)).item() + 1)
+    table['meanr'] = ranks.mean().item() + 1
+    return table
+
+
+def retrieval_metrics(scores):
+    i2t, t2i = retrieval_ranks(scores)
+    result = {'i2t': recall_table(i2t), 't2i': recall_table(t2i)}
+    result['rsum'] = sum(result[d][f'r{k}'] for d in ('i2t', 't2i') for k in (1, 5, 10))
+    return result
+
+
+def tokenize(text):
+    """Karpathy's tokens: lowercase words, punctuation dropped."""
+    return re.findall(r"[a-z0-9]+", text.lower())
