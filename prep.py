@@ -11,6 +11,7 @@ last, so that a dataset with a meta.json is complete.
 """
 import collections
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -183,6 +184,64 @@ def make_synthetic(sizes, dim, rng):
     return images, feats
 
 
+# What the words look like: RGB colours, backgrounds, shape radii and centres on a 64-pixel canvas.
+PICTURE_SIZE = 64
+RGB = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (40, 70, 220), 'yellow': (250, 220, 30),
+       'purple': (140, 40, 170), 'orange': (250, 140, 20), 'black': (15, 15, 15), 'white': (250, 250, 250),
+       'pink': (250, 150, 190), 'brown': (120, 70, 30)}
+BACKGROUNDS = {'gray': (150, 150, 150), 'sand': (225, 200, 150), 'sky': (150, 200, 245),
+               'grass': (110, 180, 90), 'night': (20, 25, 70), 'snow': (235, 240, 250)}
+RADII = {'small': 8, 'medium': 13, 'big': 19}
+CENTRES = {'left': (20, 32), 'right': (44, 32), 'top': (32, 20), 'bottom': (32, 44), 'middle': (32, 32)}
+
+
+def draw_synthetic(attrs):
+    """The picture a synthetic image's captions describe: one shape on a plain background.
+    A function of the attributes alone, so the same attributes always give the same pixels."""
+    from PIL import Image, ImageDraw
+    picture = Image.new('RGB', (PICTURE_SIZE, PICTURE_SIZE), BACKGROUNDS[attrs['background']])
+    draw = ImageDraw.Draw(picture)
+    (x, y), r = CENTRES[attrs['place']], RADII[attrs['size']]
+    fill = RGB[attrs['color']]
+    edge = (128, 128, 128) if attrs['color'] in ('black', 'white') else (0, 0, 0)  # visible on night and snow
+    box = [x - r, y - r, x + r, y + r]
+    shape = attrs['shape']
+    if shape == 'circle':
+        draw.ellipse(box, fill=fill, outline=edge)
+    elif shape == 'ring':
+        draw.ellipse(box, outline=fill, width=max(3, r // 3))
+    elif shape == 'square':
+        draw.rectangle([x - 0.8 * r, y - 0.8 * r, x + 0.8 * r, y + 0.8 * r], fill=fill, outline=edge)
+    elif shape == 'bar':
+        draw.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=fill, outline=edge)
+    elif shape == 'cross':
+        t = r / 3
+        draw.polygon([(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
+                      (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)],
+                     fill=fill, outline=edge)
+    else:  # triangle, diamond, star: regular polygons around the centre
+        corners = {'triangle': 3, 'diamond': 4, 'star': 10}[shape]
+        radius = [r, 0.45 * r] if shape == 'star' else [r]
+        draw.polygon([(x + radius[n % len(radius)] * np.sin(2 * np.pi * n / corners),
+                       y - radius[n % len(radius)] * np.cos(2 * np.pi * n / corners)) for n in range(corners)],
+                     fill=fill, outline=edge)
+    return picture
+
+
+def write_synthetic_pictures(images, folder):
+    """All pictures into `folder`, written beside it first and renamed at the end, so that a
+    folder of that name is always complete."""
+    tmp = folder + '.tmp'
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    for im in images:
+        draw_synthetic(im['attributes']).save(os.path.join(tmp, im['file']), compress_level=1)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)  # only reached with --force
+    os.replace(tmp, folder)
+
+
 def to_karpathy_json(images, name):
     return {'dataset': name, 'images': [
         {'filename': im['file'], 'split': im['split'], 'imgid': i, **({'attributes': im['attributes']} if 'attributes' in im else {}),
@@ -206,7 +265,9 @@ def main(argv):
             raise UserError(f"--synthetic_sizes={synthetic_sizes}: expected three positive counts, train,val,test") from None
         images, feats = make_synthetic(sizes, synthetic_dim, np.random.default_rng(seed))
         write_json(os.path.join(out_dir, 'dataset.json'), to_karpathy_json(images, 'synthetic'))
-        meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {seed})'}
+        write_synthetic_pictures(images, os.path.join(out_dir, 'images'))
+        # images_dir is relative to data_dir; the features are not computed from these pixels
+        meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {seed})', 'images_dir': 'images'}
     else:
         json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
         if not os.path.exists(json_path):
