@@ -4,8 +4,8 @@
     python train.py --dataset=coco --measure=cosine --margin=0.2 --max_violation=True   # VSE++
 
 Every constant below can be overridden as --name=value. Writes into out_dir: best.pt (best
-validation rsum), last.pt (where training stands; --resume=True continues from it) and
-log.jsonl (loss and validation metrics).
+validation rsum), last.pt (where training stands; --resume=True continues from it),
+log.jsonl (loss and validation metrics) and curves.png (the log drawn, at each validation).
 """
 import json
 import math
@@ -177,7 +177,72 @@ def report(val, it, iters_per_epoch, log, checkpoint):
           f"t2i R@1 {val['t2i']['r1']:.1f} R@5 {val['t2i']['r5']:.1f} R@10 {val['t2i']['r10']:.1f} | rsum {val['rsum']:.1f}")
     log.write(f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "val": {json.dumps(val)}}}\n')
     log.flush()
+    draw_curves(log.name, os.path.join(os.path.dirname(log.name), 'curves.png'))
     checkpoint(val)
+
+
+def nice_ticks(high, count=5):
+    """Round tick values from 0 to at least `high`: steps of 1, 2 or 5 times a power of ten."""
+    raw = max(high, 1e-12) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return [step * i for i in range(math.ceil(high / step - 1e-9) + 1)]
+
+
+def draw_panel(draw, font, left, top, width, height, title, series, y_max=None):
+    """One line chart into the box (left, top, width, height): `series` is a list of
+    (label, rgb, xs, ys). Both axes start at 0; points are marked so that one validation shows."""
+    x_ticks = nice_ticks(max(max(xs) for _, _, xs, _ in series))
+    y_ticks = nice_ticks(y_max or max(max(ys) for _, _, _, ys in series) or 1.0)
+    x0, y0, x1, y1 = left + 50, top + 44, left + width - 22, top + height - 36  # the plotting area
+    px = lambda x: x0 + (x1 - x0) * x / x_ticks[-1]
+    py = lambda y: y1 - (y1 - y0) * y / y_ticks[-1]
+    draw.text((left + width / 2, top + 4), title, fill='black', font=font, anchor='ma')
+    for t in x_ticks:
+        draw.line([px(t), y0, px(t), y1], fill=(225, 225, 225))
+        draw.text((px(t), y1 + 4), f'{t:g}', fill='black', font=font, anchor='ma')
+    for t in y_ticks:
+        draw.line([x0, py(t), x1, py(t)], fill=(225, 225, 225))
+        draw.text((x0 - 4, py(t)), f'{t:g}', fill='black', font=font, anchor='rm')
+    draw.rectangle([x0, y0, x1, y1], outline='black')
+    draw.text(((x0 + x1) / 2, y1 + 20), 'iteration', fill='black', font=font, anchor='ma')
+    for n, (label, rgb, xs, ys) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            draw.line(points, fill=rgb, width=2)
+        if len(points) <= 100:
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
+        key = x0 + 70 * n  # the legend: one row between the title and the plot
+        draw.line([key, top + 32, key + 18, top + 32], fill=rgb, width=3)
+        draw.text((key + 22, top + 32), label, fill='black', font=font, anchor='lm')
+
+
+def draw_curves(log_path, png_path):
+    """log.jsonl -> a PNG of three panels against iterations: the training loss, then the
+    validation R@1/R@5/R@10 of image->text and of text->image. A resumed run's log repeats
+    iterations; the last record of each counts."""
+    from PIL import Image, ImageDraw, ImageFont
+    loss, val = {}, {}
+    with open(log_path) as f:
+        for line in f:
+            record = json.loads(line)
+            (loss if 'loss' in record else val)[record['iteration']] = record.get('loss', record.get('val'))
+    if not val:
+        return
+    picture = Image.new('RGB', (3 * 380, 300), 'white')
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=13)
+    steps = sorted(loss)
+    if steps:
+        draw_panel(draw, font, 0, 0, 380, 300, 'training loss (mean over log_interval)',
+                   [('loss', (40, 40, 40), steps, [loss[s] for s in steps])])
+    steps = sorted(val)
+    for n, (key, name) in enumerate((('i2t', 'image->text'), ('t2i', 'text->image'))):
+        series = [(f'R@{k}', rgb, steps, [val[s][key][f'r{k}'] for s in steps])
+                  for k, rgb in ((1, (214, 39, 40)), (5, (31, 119, 180)), (10, (44, 160, 44)))]
+        draw_panel(draw, font, 380 * (n + 1), 0, 380, 300, f'validation {name} recall (%)', series, y_max=100)
+    with atomic_open(png_path) as f:
+        picture.save(f, format='PNG')
 
 
 def resume_from(path, cfg, vocab, feature_dim, model, optimizer, dev):
