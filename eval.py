@@ -1,21 +1,30 @@
-"""Evaluate a trained model: recall at 1, 5 and 10, median and mean rank, in both directions.
+"""Evaluate a trained model: recall at 1, 5 and 10, median and mean rank, in both directions;
+and use it: search a split's images with a sentence, its captions with an image, draw the results.
 
     python eval.py --out_dir=checkpoints/flickr8k                 # test split, best.pt
     python eval.py --out_dir=checkpoints/coco --split=val --save_embeddings=True
+    python eval.py --out_dir=checkpoints/flickr8k --save_ranks=True            # per-query ranks, top-10
+    python eval.py --out_dir=checkpoints/flickr8k --query="a dog runs through the snow" --k=10
+    python eval.py --out_dir=checkpoints/coco --image=photo.jpg               # needs a dataset prepared from images
+    python eval.py --out_dir=checkpoints/synthetic --gallery=gallery.png      # 4 captions of the split and their top-k
+    python eval.py --compare=checkpoints/a,checkpoints/b                      # results side by side, Markdown
 
 image->text ranks each image's best-placed ground-truth caption among all captions of the
 split; text->image ranks each caption's image among all images. COCO's test split is also
 reported as "1K" (mean over 5 folds of 1,000 images) as well as "5K" (all of it).
-Writes results_<split>.json (and embeddings_<split>.npz) into out_dir.
+Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir.
+In a notebook: encode_text, encode_images, search, image_features below.
 """
+import json
 import os
 
 import numpy as np
 import torch
 
 from model import JointEmbedding, score_matrix
-from utils import (UserError, atomic_open, embed_split, load_meta, load_split, parse_config,
-                   pick_device, retrieval_metrics, run_main, write_json)
+from utils import (UNK, UserError, atomic_open, embed_split, encode_captions, load_meta, load_split,
+                   parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main,
+                   tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -23,7 +32,17 @@ checkpoint = 'best.pt'             # in out_dir
 split = 'test'                     # train | val | test
 data_dir = ''                      # default: the data_dir the checkpoint was trained on
 save_embeddings = False            # write embeddings_<split>.npz: the vectors that were scored
+save_ranks = False                 # write ranks_<split>.json: each query's rank of its ground truth and its top 10
 device = 'auto'
+# using the model (instead of the metrics)
+query = ''                         # a sentence: print the split's top-k images for it
+image = ''                         # an image file: print the split's top-k captions for it
+k = 10                             # how many results per query
+gallery = ''                       # a .png to draw the results into, ground truth outlined in green
+gallery_queries = 4                # without --query / --image: this many queries spread over the split
+gallery_by = 'text'                # ... 'text': captions find images; 'image': images find captions
+images_dir = ''                    # the folder the split's files are in; default: meta.json's images_dir, else the dataset json's folder
+compare = ''                       # run folders, comma-separated: print their results_<split>.json as one Markdown table
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
 
@@ -42,6 +61,316 @@ def load_model(path, dev):
     return model.to(dev).eval(), ckpt
 
 
+# ----------------------------------------------------------------------------- using the model
+
+@torch.no_grad()
+def encode_text(model, vocab, texts, tokenized=False, batch_size=1024):
+    """Sentences -> their embeddings (n, embed_dim). Raw text is tokenized as prep.py tokenizes
+    it; words the training captions did not have become <unk>."""
+    captions = list(texts) if tokenized else [' '.join(tokenize(t)) for t in texts]
+    for text, words in zip(texts, captions):
+        if not words.strip():
+            raise UserError(f"query {text!r}: no words in it (letters and digits are what counts)")
+    dev = next(model.parameters()).device
+    tokens, lengths = encode_captions(captions, vocab)
+    return torch.cat([model.encode_captions(tokens[i:i + batch_size, :int(lengths[i:i + batch_size].max())].to(dev),
+                                            lengths[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def encode_images(model, feats, batch_size=1024):
+    """Image features (N, D), rows L2-normalized as prep.py writes them -> embeddings (N, embed_dim)."""
+    dev = next(model.parameters()).device
+    feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+    return torch.cat([model.encode_images(feats[i:i + batch_size].to(dev)) for i in range(0, len(feats), batch_size)])
+
+
+def top_k(scores, k):
+    """(scores, indices) of each row's k best columns, best first; equal scores in index order,
+    so that a listing is the same on every run. Sorted in blocks of rows to bound memory."""
+    k = min(k, scores.shape[1])
+    rows = max(1, 2 ** 24 // max(1, scores.shape[1]))
+    parts = [torch.sort(scores[r:r + rows], dim=1, descending=True, stable=True) for r in range(0, len(scores), rows)]
+    return torch.cat([p.values[:, :k] for p in parts]), torch.cat([p.indices[:, :k] for p in parts])
+
+
+def search(model, images, captions, k=10, by='text'):
+    """Embedded images (N, E) and captions (M, E) -> (scores, indices), best first.
+    by='text': each caption's k best images (M, k); by='image': each image's k best captions (N, k)."""
+    if by not in ('text', 'image'):
+        raise ValueError(f"by must be 'text' or 'image', not {by!r}")
+    scores = score_matrix(images, captions, model.measure)
+    return top_k(scores.t() if by == 'text' else scores, k)
+
+
+def image_features(paths, meta, dev):
+    """New image files -> features computed as prep.py computed the dataset's (same CNN, crops
+    and weights), rows L2-normalized. Only for datasets whose features prep.py extracted itself."""
+    if 'cnn' not in meta:
+        raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
+                        f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
+                        "prepared from its images (prep.py --images_dir=...)")
+    from utils import build_backbone, extract_features
+    backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev)
+    feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev), dtype=np.float32)
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+def find_images_dir(option, data, meta, files):
+    """The folder that holds the split's image files: --images_dir, else meta.json's images_dir
+    (relative to data_dir), else the folder of the dataset json (Karpathy's filepath/filename)."""
+    if option:
+        candidates = [option]
+    else:
+        candidates = []
+        if meta.get('images_dir'):
+            candidates += [os.path.join(data, meta['images_dir']), meta['images_dir']]
+        if meta.get('dataset_json'):
+            candidates.append(os.path.dirname(meta['dataset_json']) or '.')
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            return folder
+    missing = files[0] if not candidates else next(f for f in files if not os.path.isfile(os.path.join(candidates[0], f)))
+    raise UserError(f"{data}: the split's images are not on disk (looked for {missing} in "
+                    f"{', '.join(candidates) or 'no known folder'}); pass --images_dir=FOLDER that holds the files "
+                    "named in <split>_files.txt")
+
+
+# The gallery's layout, shared with the tests that read pictures back.
+THUMB, GAP, MARGIN, HEADER, CAPTION_H, LABEL_H, LINE_H = 112, 10, 12, 44, 26, 20, 22
+GROUND_TRUTH = (0, 170, 60)   # the outline / mark of the ground truth
+TEXT_WIDTH = 720              # image gallery: the column of captions
+
+
+def text_row_height():
+    return CAPTION_H + THUMB + LABEL_H + GAP
+
+
+def thumb_box(row, rank):
+    """Where the text gallery puts the rank-th (0-based) image of the row-th query."""
+    x = MARGIN + rank * (THUMB + GAP)
+    y = HEADER + row * text_row_height() + CAPTION_H
+    return x, y, x + THUMB, y + THUMB
+
+
+def image_row_height(k):
+    return max(2 * THUMB + LABEL_H, LINE_H * (k + 1)) + 2 * GAP
+
+
+def caption_box(row, k, rank):
+    """Where the image gallery writes the rank-th (0-based) caption of the row-th query."""
+    x = MARGIN + 2 * THUMB + 2 * GAP
+    y = HEADER + row * image_row_height(k) + LINE_H * (rank + 1)
+    return x, y, x + TEXT_WIDTH, y + LINE_H
+
+
+def thumbnail(path, size=THUMB):
+    """The picture at `path` scaled to fit size x size, centred on light gray."""
+    from PIL import Image
+    with Image.open(path) as picture:
+        picture = picture.convert('RGB')
+        scale = size / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.BICUBIC)
+    tile = Image.new('RGB', (size, size), (235, 235, 235))
+    tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    return tile
+
+
+def fit(text, font, width):
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + '...') > width:
+        text = text[:-1]
+    return text + '...'
+
+
+def draw_text_gallery(results, image_paths, title, path):
+    """Caption queries: each row a caption, then its k best images left to right with rank and
+    score under each, the ground truth outlined in green (thumb_box says where each one goes)."""
+    from PIL import Image, ImageDraw, ImageFont
+    k = max(len(r['indices']) for r in results)
+    width = max(2 * MARGIN + k * THUMB + (k - 1) * GAP, 640)
+    picture = Image.new('RGB', (width, HEADER + len(results) * text_row_height()), 'white')
+    draw, font, small = ImageDraw.Draw(picture), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    draw.text((MARGIN, 6), fit(title, font, width - 2 * MARGIN), fill='black', font=font)
+    draw.text((MARGIN, 25), fit('each row: a caption, then the images the model ranks best for it, best first '
+                                '(rank, score); green frame = the image the caption belongs to', small, width - 2 * MARGIN),
+              fill=(90, 90, 90), font=small)
+    for row, r in enumerate(results):
+        x, y = MARGIN, HEADER + row * text_row_height()
+        draw.text((x, y + 4), fit(f'"{r["query"]}"   {r["note"]}', font, width - 2 * MARGIN), fill='black', font=font)
+        for rank, (index, score) in enumerate(zip(r['indices'], r['scores'])):
+            box = thumb_box(row, rank)
+            picture.paste(thumbnail(image_paths[index]), box[:2])
+            if index in r['truth']:
+                draw.rectangle([box[0] - 4, box[1] - 4, box[2] + 3, box[3] + 3], outline=GROUND_TRUTH, width=4)
+            draw.text((box[0] + THUMB / 2, box[3] + 4), f'#{rank + 1}  {score:.4f}', fill='black', font=small, anchor='ma')
+    save_png(picture, path)
+
+
+def draw_image_gallery(results, query_paths, title, path):
+    """Image queries: each row the image, then its k best captions with rank and score, the
+    ground-truth captions on green (caption_box says where each one goes)."""
+    from PIL import Image, ImageDraw, ImageFont
+    k = max(len(r['indices']) for r in results)
+    width = 2 * MARGIN + 2 * THUMB + 2 * GAP + TEXT_WIDTH
+    picture = Image.new('RGB', (width, HEADER + len(results) * image_row_height(k)), 'white')
+    draw, font, small = ImageDraw.Draw(picture), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    draw.text((MARGIN, 6), fit(title, font, width - 2 * MARGIN), fill='black', font=font)
+    draw.text((MARGIN, 25), 'each row: an image, then the captions the model ranks best for it, best first '
+              '(rank, score); on green = a caption written for this image', fill=(90, 90, 90), font=small)
+    for row, r in enumerate(results):
+        y = HEADER + row * image_row_height(k)
+        picture.paste(thumbnail(query_paths[row], 2 * THUMB), (MARGIN, y))
+        draw.text((MARGIN, y + 2 * THUMB + 3), fit(r['query'], small, 2 * THUMB), fill='black', font=small)
+        x0 = MARGIN + 2 * THUMB + 2 * GAP
+        draw.text((x0, y + 3), fit(r['note'], font, TEXT_WIDTH), fill=(90, 90, 90), font=font)
+        for rank, (index, score) in enumerate(zip(r['indices'], r['scores'])):
+            box = caption_box(row, k, rank)
+            if index in r['truth']:
+                draw.rectangle([box[0], box[1], box[2], box[3] - 2], fill=(200, 240, 205))
+                draw.rectangle([box[0], box[1], box[0] + 5, box[3] - 2], fill=GROUND_TRUTH)
+            draw.text((box[0] + 10, box[1] + 3), fit(f'#{rank + 1}  {score:.4f}   {r["texts"][rank]}', font, TEXT_WIDTH - 14),
+                      fill='black', font=font)
+    save_png(picture, path)
+
+
+def save_png(picture, path):
+    with atomic_open(path) as f:
+        picture.save(f, format='PNG')
+
+
+def truth_rank(scores, truth):
+    """0-based rank of the best-placed ground truth in one row of scores, ties counted against
+    it (as the metrics count them)."""
+    best = max(scores[t] for t in truth)
+    return int((scores >= best).sum()) - sum(int(scores[t] >= best) for t in truth)
+
+
+def use_model(cfg, model, ckpt, data, meta, feats, captions, files, dev):
+    """--query, --image, --gallery: print each query's top-k, and draw them if asked."""
+    if cfg['query'] and cfg['image']:
+        raise UserError("--query and --image: give one of the two")
+    if cfg['save_ranks'] or cfg['save_embeddings']:
+        raise UserError("--save_ranks and --save_embeddings belong to the evaluation; run them without --query/--image/--gallery")
+    if cfg['k'] < 1 or cfg['gallery_queries'] < 1 or cfg['gallery_by'] not in ('text', 'image'):
+        raise UserError("--k and --gallery_queries must be at least 1, --gallery_by 'text' or 'image'")
+    if cfg['gallery'] and not cfg['gallery'].lower().endswith('.png'):
+        raise UserError(f"--gallery={cfg['gallery']}: the gallery is a PNG; name it something.png")
+    vocab, k, n = ckpt['vocab'], cfg['k'], len(feats)
+    by = 'text' if cfg['query'] else 'image' if cfg['image'] else cfg['gallery_by']
+    # Check the pictures before the work, so that a missing folder costs nothing.
+    folder = find_images_dir(cfg['images_dir'], data, meta, files) if cfg['gallery'] and not cfg['image'] else None
+    if cfg['image'] and not os.path.isfile(cfg['image']):
+        raise UserError(f"{cfg['image']}: no such image file")
+
+    results = []
+    if by == 'text':
+        if cfg['query']:
+            texts, truths = [cfg['query']], [set()]
+            unknown = sorted({w for w in tokenize(cfg['query']) if w not in vocab})
+            note = f"(not in the vocabulary, read as {UNK}: {', '.join(unknown)})" if unknown else ''
+            queries = encode_text(model, vocab, texts)
+        else:
+            picks = np.linspace(0, len(captions) - 1, cfg['gallery_queries']).round().astype(int)
+            texts, truths, note = [captions[j] for j in picks], [{int(j) // 5} for j in picks], ''
+            queries = encode_text(model, vocab, texts, tokenized=True)
+        scores = score_matrix(encode_images(model, feats), queries, model.measure).t()
+        for text, truth, row in zip(texts, truths, scores):
+            where = f"ground truth {files[next(iter(truth))]} at rank {truth_rank(row, truth) + 1}" if truth else note
+            results.append({'query': text, 'truth': truth, 'note': where})
+        what = f"{n} images"
+    else:
+        caps = encode_text(model, vocab, captions, tokenized=True)
+        if cfg['image']:
+            query_paths = [cfg['image']]
+            try:  # an image of the split has ground-truth captions; a new one has none
+                folder = find_images_dir(cfg['images_dir'], data, meta, files)
+            except UserError:
+                folder = None
+            mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), cfg['image'])]
+            truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
+            images = encode_images(model, image_features(query_paths, meta, dev))
+        else:
+            picks = np.linspace(0, n - 1, cfg['gallery_queries']).round().astype(int)
+            query_paths = [os.path.join(folder, files[i]) for i in picks]
+            truths = [set(range(5 * i, 5 * i + 5)) for i in picks]
+            images = encode_images(model, feats[picks])
+        scores = score_matrix(images, caps, model.measure)
+        for p, truth, row in zip(query_paths, truths, scores):
+            results.append({'query': os.path.basename(p), 'truth': truth,
+                            'note': f"best ground-truth caption at rank {truth_rank(row, truth) + 1}" if truth else
+                            'not an image of the split: no ground truth'})
+        what = f"{len(captions)} captions"
+    top_scores, top_indices = top_k(scores, k)
+    for r, s, i in zip(results, top_scores.tolist(), top_indices.tolist()):
+        r.update(scores=s, indices=i, texts=[captions[j] for j in i] if by == 'image' else [files[j] for j in i])
+
+    title = f"{meta['dataset']} {cfg['split']} ({what}), {model.measure} measure, {ckpt['config'].get('out_dir', '')}"
+    print(f"{title}: top {k} (higher score = better; * = ground truth)")
+    for r in results:
+        print(f"\nquery: {r['query']!r} {r['note']}".rstrip())
+        for rank, (score, index, text) in enumerate(zip(r['scores'], r['indices'], r['texts'])):
+            print(f"{rank + 1:4d} {'*' if index in r['truth'] else ' '} {score:10.4f}  {text}")
+    if cfg['gallery']:
+        if by == 'text':
+            draw_text_gallery(results, [os.path.join(folder, f) for f in files], title, cfg['gallery'])
+        else:
+            draw_image_gallery(results, query_paths, title, cfg['gallery'])
+        print(f"\nwrote {cfg['gallery']}")
+    return results
+
+
+def write_ranks(path, scores, files, captions):
+    """Per query: the 0-based rank of its ground truth (as the metrics count it) and its top 10.
+    One query per line, so that the file can be read with grep as well as json."""
+    i2t, t2i = retrieval_ranks(scores)
+    _, i2t_top = top_k(scores, 10)
+    _, t2i_top = top_k(scores.t(), 10)
+    with atomic_open(path, 'w') as f:
+        f.write('{"i2t": [\n')
+        f.write(',\n'.join(json.dumps({'image': i, 'file': files[i], 'rank': int(i2t[i]), 'top10': top,
+                                        'top10_captions': [captions[j] for j in top]})
+                           for i, top in enumerate(i2t_top.tolist())))
+        f.write('\n],\n"t2i": [\n')
+        f.write(',\n'.join(json.dumps({'caption': j, 'text': captions[j], 'image': j // 5, 'rank': int(t2i[j]),
+                                        'top10': top, 'top10_files': [files[i] for i in top]})
+                           for j, top in enumerate(t2i_top.tolist())))
+        f.write('\n]}\n')
+
+
+def compare_runs(runs, split):
+    """Several runs' results_<split>.json as one Markdown table, in the form papers use."""
+    results = []
+    for run in runs:
+        path = os.path.join(run, f'results_{split}.json')
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no results; evaluate that run first: python eval.py --out_dir={run} --split={split}")
+        results.append(read_json(path, 'results file'))
+    columns = ['R@1', 'R@5', 'R@10', 'medr']
+    tables = [('', [r for r in results])]
+    if any('mean_1k' in r for r in results):
+        tables.append(('1K test (mean of 5 folds)', [r.get('mean_1k') for r in results]))
+    for name, rows in tables:
+        if name:
+            print(f"\n{name}\n")
+        print('| run | measure | images | ' + ' | '.join(f'i2t {c}' for c in columns) + ' | '
+              + ' | '.join(f't2i {c}' for c in columns) + ' | rsum |')
+        print('|---|---|---:|' + '---:|' * (2 * len(columns) + 1))
+        for run, full, r in zip(runs, results, rows):
+            if r is None:
+                print(f"| {run} | {full.get('measure', '')} | | " + ' | ' * (2 * len(columns)) + ' |')
+                continue
+            cells = [f"{r[d][m]:.1f}" if m != 'medr' else f"{r[d][m]:.0f}" for d in ('i2t', 't2i')
+                     for m in ('r1', 'r5', 'r10', 'medr')]
+            print(f"| {run} | {full.get('measure', '')} | {full.get('n_images', '')} | " + ' | '.join(cells)
+                  + f" | {r['rsum']:.1f} |")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
 def evaluate(model, feats, captions, vocab, dev, folds=False):
     """Metrics of one split; with folds, also the mean over 5 folds of 1,000 images (COCO 1K)."""
     images, caps = embed_split(model, feats, captions, vocab, dev)
@@ -53,7 +382,7 @@ def evaluate(model, feats, captions, vocab, dev, folds=False):
         result['mean_1k'] = {d: {m: float(np.mean([r[d][m] for r in result['folds_1k']])) for m in result['i2t']}
                              for d in ('i2t', 't2i')}
         result['mean_1k']['rsum'] = float(np.mean([r['rsum'] for r in result['folds_1k']]))
-    return result, images, caps
+    return result, images, caps, scores
 
 
 def print_table(title, result):
@@ -67,6 +396,9 @@ def print_table(title, result):
 
 def main(argv):
     cfg = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if cfg['compare']:
+        compare_runs([r for r in cfg['compare'].split(',') if r], cfg['split'])
+        return
     dev = pick_device(cfg['device'])
     ckpt_path = os.path.join(cfg['out_dir'], cfg['checkpoint'])
     model, ckpt = load_model(ckpt_path, dev)
@@ -76,9 +408,17 @@ def main(argv):
     if feats.shape[1] != ckpt['feature_dim']:
         raise UserError(f"{data}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
                         f"{ckpt['feature_dim']}-d ones; evaluate on the dataset it was trained on (--data_dir)")
+    files_path = os.path.join(data, f"{cfg['split']}_files.txt")
+    files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
+    if len(files) != len(feats):
+        raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
+    if cfg['query'] or cfg['image'] or cfg['gallery']:
+        with torch.no_grad():
+            use_model(cfg, model, ckpt, data, meta, feats, captions, files, dev)
+        return
     coco_folds = meta['dataset'] == 'coco' and cfg['split'] == 'test' and len(feats) == 5000
     with torch.no_grad():
-        result, images, caps = evaluate(model, feats, captions, ckpt['vocab'], dev, folds=coco_folds)
+        result, images, caps, scores = evaluate(model, feats, captions, ckpt['vocab'], dev, folds=coco_folds)
     result.update(n_images=len(feats), n_captions=len(captions), measure=model.measure,
                   checkpoint=ckpt_path, data_dir=data, split=cfg['split'])
 
@@ -95,9 +435,12 @@ def main(argv):
         emb_path = os.path.join(cfg['out_dir'], f"embeddings_{cfg['split']}.npz")
         with atomic_open(emb_path) as f:
             np.savez(f, images=images.cpu().numpy().astype(np.float32), captions=caps.cpu().numpy().astype(np.float32))
-        print(f"wrote {out} and {emb_path}")
-    else:
-        print(f"wrote {out}")
+        print(f"wrote {emb_path}")
+    if cfg['save_ranks']:
+        ranks_path = os.path.join(cfg['out_dir'], f"ranks_{cfg['split']}.json")
+        write_ranks(ranks_path, scores, files, captions)
+        print(f"wrote {ranks_path}")
+    print(f"wrote {out}")
 
 
 if __name__ == '__main__':
