@@ -1,0 +1,172 @@
+"""Using a trained model: the synthetic pictures, --query, --gallery, --save_ranks, --compare,
+the training curves; the pictures are read back and checked against search()."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import prep
+from conftest import SHARED, assert_user_error, run_script
+from utils import load_meta, load_split, retrieval_ranks
+
+SMALL = ['--embed_dim=64', '--word_dim=32', '--batch_size=64']
+
+
+@pytest.fixture(scope='module')
+def run(synthetic_dir, tmp_path_factory):
+    """A small trained run, validated twice per epoch so that the curves have several points."""
+    out = tmp_path_factory.mktemp('use') / 'run'
+    run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={out}',
+               '--epochs=2', '--eval_interval=20', '--log_interval=10', *SMALL)
+    return out
+
+
+def load(run, synthetic_dir):
+    model, ckpt = ev.load_model(os.path.join(run, 'best.pt'), torch.device('cpu'))
+    feats, captions = load_split(synthetic_dir, 'test')
+    files = open(os.path.join(synthetic_dir, 'test_files.txt')).read().splitlines()
+    return model, ckpt['vocab'], feats, captions, files
+
+
+def pixels(picture, box):
+    return np.asarray(picture.crop(box))
+
+
+def test_synthetic_pictures_show_their_attributes(synthetic_dir):
+    meta = load_meta(synthetic_dir)
+    folder = os.path.join(synthetic_dir, meta['images_dir'])
+    data = json.load(open(os.path.join(synthetic_dir, 'dataset.json')))
+    assert sorted(os.listdir(folder)) == sorted(im['filename'] for im in data['images'])
+    for im in data['images'][:50]:
+        attrs = im['attributes']
+        picture = np.asarray(Image.open(os.path.join(folder, im['filename'])).convert('RGB'))
+        assert picture.shape == (64, 64, 3)
+        assert tuple(picture[0, 0]) == prep.BACKGROUNDS[attrs['background']]
+        x, y = prep.CENTRES[attrs['place']]
+        if attrs['shape'] != 'ring':  # filled shapes hold their colour at their centre
+            assert tuple(picture[y, x]) == prep.RGB[attrs['color']], (im['filename'], attrs)
+        # the same attributes draw the same pixels
+        assert (np.asarray(prep.draw_synthetic(attrs)) == picture).all()
+
+
+def test_curves_drawn_at_each_validation(run):
+    log = [json.loads(line) for line in open(run / 'log.jsonl')]
+    assert sum('val' in r for r in log) >= 3
+    picture = Image.open(run / 'curves.png').convert('RGB')
+    assert picture.size == (1140, 300)
+    colours = {c for _, c in picture.getcolors(1 << 20)}
+    for rgb in ((214, 39, 40), (31, 119, 180), (44, 160, 44), (40, 40, 40)):  # R@1, R@5, R@10, loss
+        assert rgb in colours
+
+
+def test_query_prints_the_order_search_returns(run, synthetic_dir):
+    sentence = 'a big red star on the left against a snow background'
+    proc = run_script('eval.py', f'--out_dir={run}', f'--query={sentence}', '--k=7')
+    listed = [line.split() for line in proc.stdout.splitlines() if line.strip().split(' ')[0].isdigit()]
+    model, vocab, feats, captions, files = load(run, synthetic_dir)
+    scores, indices = ev.search(model, ev.encode_images(model, feats), ev.encode_text(model, vocab, [sentence]), k=7)
+    assert [row[-1] for row in listed] == [files[i] for i in indices[0].tolist()]
+    assert np.allclose([float(row[-2]) for row in listed], scores[0].numpy(), atol=1e-4)
+    assert (scores[0][:-1] >= scores[0][1:]).all()
+    # a query the vocabulary does not know is read as <unk>, and said so
+    proc = run_script('eval.py', f'--out_dir={run}', '--query=a zebra star', '--k=3')
+    assert 'not in the vocabulary' in proc.stdout and 'zebra' in proc.stdout
+
+
+def test_text_gallery_draws_search_order_and_outlines_ground_truth(run, synthetic_dir, tmp_path):
+    out = tmp_path / 'gallery.png'
+    run_script('eval.py', f'--out_dir={run}', f'--gallery={out}', '--gallery_queries=3', '--k=6')
+    model, vocab, feats, captions, files = load(run, synthetic_dir)
+    picks = np.linspace(0, len(captions) - 1, 3).round().astype(int)
+    _, indices = ev.search(model, ev.encode_images(model, feats),
+                           ev.encode_text(model, vocab, [captions[j] for j in picks], tokenized=True), k=6)
+    picture = Image.open(out).convert('RGB')
+    assert picture.size == (max(2 * ev.MARGIN + 6 * ev.THUMB + 5 * ev.GAP, 640), ev.HEADER + 3 * ev.text_row_height())
+    folder = os.path.join(synthetic_dir, 'images')
+    outlined = 0
+    for row, (j, ranked) in enumerate(zip(picks, indices.tolist())):
+        for rank, i in enumerate(ranked):
+            box = ev.thumb_box(row, rank)
+            assert (pixels(picture, box) == np.asarray(ev.thumbnail(os.path.join(folder, files[i])))).all(), (row, rank)
+            frame = picture.getpixel((box[0] - 2, (box[1] + box[3]) // 2))
+            assert frame == (ev.GROUND_TRUTH if i == j // 5 else (255, 255, 255)), (row, rank, frame)
+            outlined += i == j // 5
+    assert outlined >= 1  # a trained model finds some of them
+
+
+def test_image_gallery_lists_search_order_and_marks_ground_truth(run, synthetic_dir, tmp_path):
+    out = tmp_path / 'images.png'
+    proc = run_script('eval.py', f'--out_dir={run}', f'--gallery={out}', '--gallery_by=image', '--gallery_queries=2', '--k=8')
+    model, vocab, feats, captions, files = load(run, synthetic_dir)
+    picks = np.linspace(0, len(feats) - 1, 2).round().astype(int)
+    _, indices = ev.search(model, ev.encode_images(model, feats[picks]),
+                           ev.encode_text(model, vocab, captions, tokenized=True), k=8, by='image')
+    picture = Image.open(out).convert('RGB')
+    assert picture.size[1] == ev.HEADER + 2 * ev.image_row_height(8)
+    marked = 0
+    for row, (i, ranked) in enumerate(zip(picks, indices.tolist())):
+        query = (ev.MARGIN, ev.HEADER + row * ev.image_row_height(8))
+        expected = np.asarray(ev.thumbnail(os.path.join(synthetic_dir, 'images', files[i]), 2 * ev.THUMB))
+        assert (pixels(picture, (*query, query[0] + 2 * ev.THUMB, query[1] + 2 * ev.THUMB)) == expected).all()
+        for rank, j in enumerate(ranked):
+            box = ev.caption_box(row, 8, rank)
+            mark = picture.getpixel((box[0] + 2, box[1] + 4))
+            assert mark == (ev.GROUND_TRUTH if j // 5 == i else (255, 255, 255)), (row, rank, mark)
+            assert captions[j] in proc.stdout
+            marked += j // 5 == i
+    assert marked >= 1
+
+
+def test_save_ranks_agree_with_metrics_and_search(run, synthetic_dir):
+    run_script('eval.py', f'--out_dir={run}', '--save_ranks=True', '--save_embeddings=True')
+    ranks = json.load(open(run / 'ranks_test.json'))
+    result = json.load(open(run / 'results_test.json'))
+    assert len(ranks['i2t']) == 100 and len(ranks['t2i']) == 500
+    emb = np.load(run / 'embeddings_test.npz')
+    model, vocab, feats, captions, files = load(run, synthetic_dir)
+    images, caps = torch.from_numpy(emb['images']), torch.from_numpy(emb['captions'])
+    i2t, t2i = retrieval_ranks(ev.score_matrix(images, caps, model.measure))
+    assert [r['rank'] for r in ranks['i2t']] == i2t.tolist()
+    assert [r['rank'] for r in ranks['t2i']] == t2i.tolist()
+    assert abs(100 * np.mean([r['rank'] < 1 for r in ranks['t2i']]) - result['t2i']['r1']) < 1e-6
+    _, top = ev.search(model, images, caps, k=10, by='image')
+    assert [r['top10'] for r in ranks['i2t']] == top.tolist()
+    assert ranks['i2t'][3]['top10_captions'] == [captions[j] for j in top[3].tolist()]
+    _, top = ev.search(model, images, caps, k=10, by='text')
+    assert [r['top10'] for r in ranks['t2i']] == top.tolist()
+    assert ranks['t2i'][7]['top10_files'] == [files[i] for i in top[7].tolist()] and ranks['t2i'][7]['image'] == 1
+
+
+def test_compare_prints_one_markdown_table(run, synthetic_dir, tmp_path):
+    other = tmp_path / 'cosine'
+    run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={other}', '--epochs=1',
+               '--measure=cosine', *SMALL)
+    for r in (run, other):
+        run_script('eval.py', f'--out_dir={r}')
+    proc = run_script('eval.py', f'--compare={run},{other}')
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith('| run |') and lines[1].startswith('|---')
+    for line, r in zip(lines[2:], (run, other)):
+        result = json.load(open(r / 'results_test.json'))
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        assert cells[:3] == [str(r), result['measure'], '100']
+        assert cells[3:7] == [f"{result['i2t'][m]:.1f}" for m in ('r1', 'r5', 'r10')] + [f"{result['i2t']['medr']:.0f}"]
+        assert cells[7:11] == [f"{result['t2i'][m]:.1f}" for m in ('r1', 'r5', 'r10')] + [f"{result['t2i']['medr']:.0f}"]
+        assert cells[11] == f"{result['rsum']:.1f}"
+    assert_user_error(run_script('eval.py', f'--compare={run},{tmp_path / "none"}', check=False), 'results_test.json', 'evaluate')
+
+
+def test_use_errors(run, synthetic_dir, tmp_path):
+    picture = os.path.join(synthetic_dir, 'images', 'synth_000700.png')
+    assert_user_error(run_script('eval.py', f'--out_dir={run}', f'--image={picture}', check=False),
+                      'not extracted from images', '--image')
+    out = tmp_path / 'g.png'
+    assert_user_error(run_script('eval.py', f'--out_dir={run}', f'--gallery={out}', f'--images_dir={tmp_path}', check=False),
+                      'not on disk', '--images_dir')
+    assert not out.exists()
+    assert_user_error(run_script('eval.py', f'--out_dir={run}', '--gallery=g.jpg', check=False), 'PNG')
+    assert_user_error(run_script('eval.py', f'--out_dir={run}', '--query=...', check=False), 'no words')
