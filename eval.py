@@ -191,12 +191,12 @@ def draw_text_gallery(results, image_paths, title, path):
     score under each, the ground truth outlined in green (thumb_box says where each one goes)."""
     from PIL import Image, ImageDraw, ImageFont
     k = max(len(r['indices']) for r in results)
-    width = max(2 * MARGIN + k * THUMB + (k - 1) * GAP, 640)
+    width = max(2 * MARGIN + k * THUMB + (k - 1) * GAP, 800)
     picture = Image.new('RGB', (width, HEADER + len(results) * text_row_height()), 'white')
     draw, font, small = ImageDraw.Draw(picture), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
     draw.text((MARGIN, 6), fit(title, font, width - 2 * MARGIN), fill='black', font=font)
-    draw.text((MARGIN, 25), fit('each row: a caption, then the images the model ranks best for it, best first '
-                                '(rank, score); green frame = the image the caption belongs to', small, width - 2 * MARGIN),
+    draw.text((MARGIN, 25), fit('each row: a caption, then the images ranked best for it, best first (#rank score); '
+                                'green frame = the image the caption was written for', small, width - 2 * MARGIN),
               fill=(90, 90, 90), font=small)
     for row, r in enumerate(results):
         x, y = MARGIN, HEADER + row * text_row_height()
@@ -279,7 +279,7 @@ def use_model(cfg, model, ckpt, data, meta, feats, captions, files, dev):
             queries = encode_text(model, vocab, texts, tokenized=True)
         scores = score_matrix(encode_images(model, feats), queries, model.measure).t()
         for text, truth, row in zip(texts, truths, scores):
-            where = f"ground truth {files[next(iter(truth))]} at rank {truth_rank(row, truth) + 1}" if truth else note
+            where = f"(its image at rank {truth_rank(row, truth) + 1})" if truth else note
             results.append({'query': text, 'truth': truth, 'note': where})
         what = f"{n} images"
     else:

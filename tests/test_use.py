@@ -85,7 +85,7 @@ def test_text_gallery_draws_search_order_and_outlines_ground_truth(run, syntheti
     _, indices = ev.search(model, ev.encode_images(model, feats),
                            ev.encode_text(model, vocab, [captions[j] for j in picks], tokenized=True), k=6)
     picture = Image.open(out).convert('RGB')
-    assert picture.size == (max(2 * ev.MARGIN + 6 * ev.THUMB + 5 * ev.GAP, 640), ev.HEADER + 3 * ev.text_row_height())
+    assert picture.size == (max(2 * ev.MARGIN + 6 * ev.THUMB + 5 * ev.GAP, 800), ev.HEADER + 3 * ev.text_row_height())
     folder = os.path.join(synthetic_dir, 'images')
     outlined = 0
     for row, (j, ranked) in enumerate(zip(picks, indices.tolist())):
@@ -170,3 +170,29 @@ def test_use_errors(run, synthetic_dir, tmp_path):
     assert not out.exists()
     assert_user_error(run_script('eval.py', f'--out_dir={run}', '--gallery=g.jpg', check=False), 'PNG')
     assert_user_error(run_script('eval.py', f'--out_dir={run}', '--query=...', check=False), 'no words')
+
+
+@pytest.mark.skipif(not hasattr(__import__('utils'), 'extract_features'), reason='needs the CNN feature extraction of prep.py')
+def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
+    """A dataset prepared from pictures (a few synthetic ones, VGG16 with seeded random weights):
+    --image computes the same features prep.py did, so the split's own image finds its captions."""
+    data = json.load(open(os.path.join(synthetic_dir, 'dataset.json')))
+    data['images'] = [im for s, n in (('train', 4), ('val', 2), ('test', 3)) for im in
+                      [im for im in data['images'] if im['split'] == s][:n]]
+    with open(tmp_path / 'dataset.json', 'w') as f:
+        json.dump(data, f)
+    folder = os.path.join(synthetic_dir, 'images')
+    run_script('prep.py', '--dataset=pictures', f'--data_dir={tmp_path / "data"}', f'--dataset_json={tmp_path / "dataset.json"}',
+               f'--images_dir={folder}', '--cnn=vgg16', '--weights=random', '--workers=0', '--vocab_threshold=1')
+    out = tmp_path / 'run'
+    run_script('train.py', '--dataset=pictures', f'--data_dir={tmp_path / "data"}', f'--out_dir={out}', '--epochs=1', *SMALL)
+    meta = load_meta(tmp_path / 'data')
+    feats, captions = load_split(tmp_path / 'data', 'test')
+    query = os.path.join(folder, data['images'][-2]['filename'])        # the test split's second image
+    again = ev.image_features([query], meta, torch.device('cpu'))
+    assert np.abs(again[0] - feats[1]).max() < 1e-5
+    gallery = tmp_path / 'image.png'
+    proc = run_script('eval.py', f'--out_dir={out}', f'--image={query}', '--k=15', f'--gallery={gallery}')
+    marked = [line for line in proc.stdout.splitlines() if line[5:6] == '*']
+    assert sorted(line.split(None, 3)[3] for line in marked) == sorted(captions[5:10])   # all 15 listed, its 5 marked
+    assert Image.open(gallery).size[1] == ev.HEADER + ev.image_row_height(15)
