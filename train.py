@@ -226,7 +226,10 @@ def draw_curves(log_path, png_path):
     loss, val = {}, {}
     with open(log_path) as f:
         for line in f:
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed run, before a resume: not worth a crash
+                continue
             (loss if 'loss' in record else val)[record['iteration']] = record.get('loss', record.get('val'))
     if not val:
         return

@@ -18,10 +18,10 @@ SMALL = ['--embed_dim=64', '--word_dim=32', '--batch_size=64']
 
 @pytest.fixture(scope='module')
 def run(synthetic_dir, tmp_path_factory):
-    """A small trained run, validated twice per epoch so that the curves have several points."""
+    """A small trained run, validated 4 times so that the curves have several points."""
     out = tmp_path_factory.mktemp('use') / 'run'
     run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={out}',
-               '--epochs=2', '--eval_interval=20', '--log_interval=10', *SMALL)
+               '--epochs=1', '--eval_interval=12', '--log_interval=5', *SMALL)
     return out
 
 
@@ -79,13 +79,13 @@ def test_query_prints_the_order_search_returns(run, synthetic_dir):
 
 def test_text_gallery_draws_search_order_and_outlines_ground_truth(run, synthetic_dir, tmp_path):
     out = tmp_path / 'gallery.png'
-    run_script('eval.py', f'--out_dir={run}', f'--gallery={out}', '--gallery_queries=3', '--k=6')
+    run_script('eval.py', f'--out_dir={run}', f'--gallery={out}', '--gallery_queries=4', '--k=10')
     model, vocab, feats, captions, files = load(run, synthetic_dir)
-    picks = np.linspace(0, len(captions) - 1, 3).round().astype(int)
+    picks = np.linspace(0, len(captions) - 1, 4).round().astype(int)
     _, indices = ev.search(model, ev.encode_images(model, feats),
-                           ev.encode_text(model, vocab, [captions[j] for j in picks], tokenized=True), k=6)
+                           ev.encode_text(model, vocab, [captions[j] for j in picks], tokenized=True), k=10)
     picture = Image.open(out).convert('RGB')
-    assert picture.size == (max(2 * ev.MARGIN + 6 * ev.THUMB + 5 * ev.GAP, 800), ev.HEADER + 3 * ev.text_row_height())
+    assert picture.size == (2 * ev.MARGIN + 10 * ev.THUMB + 9 * ev.GAP, ev.HEADER + 4 * ev.text_row_height())
     folder = os.path.join(synthetic_dir, 'images')
     outlined = 0
     for row, (j, ranked) in enumerate(zip(picks, indices.tolist())):
@@ -144,7 +144,7 @@ def test_save_ranks_agree_with_metrics_and_search(run, synthetic_dir):
 def test_compare_prints_one_markdown_table(run, synthetic_dir, tmp_path):
     other = tmp_path / 'cosine'
     run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={other}', '--epochs=1',
-               '--measure=cosine', *SMALL)
+               '--measure=cosine', *SMALL, '--batch_size=256')
     for r in (run, other):
         run_script('eval.py', f'--out_dir={r}')
     proc = run_script('eval.py', f'--compare={run},{other}')
