@@ -196,3 +196,15 @@ def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
     marked = [line for line in proc.stdout.splitlines() if line[5:6] == '*']
     assert sorted(line.split(None, 3)[3] for line in marked) == sorted(captions[5:10])   # all 15 listed, its 5 marked
     assert Image.open(gallery).size[1] == ev.HEADER + ev.image_row_height(15)
+
+
+def test_curves_survive_a_torn_log_line(tmp_path):
+    """A killed run can leave half a line at the end of log.jsonl; a resumed run appends to it."""
+    import train
+    val = {d: {'r1': 10.0, 'r5': 30.0, 'r10': 50.0} for d in ('i2t', 't2i')}
+    with open(tmp_path / 'log.jsonl', 'w') as f:
+        f.write(json.dumps({'iteration': 5, 'loss': 2.0}) + '\n' + json.dumps({'iteration': 10, 'val': val}) + '\n')
+        f.write('{"iteration": 15, "lo')
+        f.write(json.dumps({'iteration': 15, 'loss': 1.0}) + '\n' + json.dumps({'iteration': 20, 'val': val}) + '\n')
+    train.draw_curves(tmp_path / 'log.jsonl', tmp_path / 'curves.png')
+    assert Image.open(tmp_path / 'curves.png').size == (1140, 300)
