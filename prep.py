@@ -11,6 +11,7 @@ last, so that a dataset with a meta.json is complete.
 """
 import collections
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -64,6 +65,11 @@ def read_karpathy_json(path):
                 raise UserError(f"{where}: a sentence without 'tokens' or 'raw'")
             if not words:
                 raise UserError(f"{where} ({entry.get('filename')}): empty caption; fix or remove it in the json")
+            try:
+                ' '.join(words).encode('utf-8')
+            except UnicodeEncodeError as e:  # e.g. a lone surrogate escaped as \udc80 in the json
+                raise UserError(f"{where} ({entry.get('filename')}): a caption that is not valid Unicode text "
+                                f"({e.reason}); fix it in the json") from None
             if len(words) > max_len:
                 raise UserError(f"{where} ({entry.get('filename')}): a caption of {len(words)} tokens "
                                 f"(more than --max_len={max_len}); fix it or raise --max_len")
@@ -106,7 +112,11 @@ def normalize_rows(feats, source):
     bad = ~np.isfinite(feats).all(1)
     if bad.any():
         raise UserError(f"{source}: {int(bad.sum())} rows hold NaN or inf (first: image {int(bad.argmax())}); regenerate the features")
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    with np.errstate(over='ignore'):
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    if not np.isfinite(norms).all():
+        raise UserError(f"{source}: image {int((~np.isfinite(norms[:, 0])).argmax())}: values so large that the vector's "
+                        "length overflows float32; scale the features down")
     if (norms == 0).any():
         raise UserError(f"{source}: image {int((norms[:, 0] == 0).argmax())} has an all-zero feature vector; regenerate the features")
     return feats / norms
@@ -120,30 +130,67 @@ def build_vocab(captions, threshold):
 
 
 def write_prepared(out_dir, images, feats, meta):
-    """Write the split arrays, then vocab.json, then meta.json (its presence marks a complete dataset)."""
+    """Write the split arrays, vocab.json and meta.json into a staging folder, then move them into
+    out_dir, meta.json last (its presence marks a complete dataset). A failure while writing (a
+    full disk, a bad input) leaves a previously prepared dataset in out_dir as it was."""
     feats = normalize_rows(feats, meta['source'])
+    staging = os.path.join(out_dir, '.prep-staging')
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    try:
+        meta = write_staged(staging, images, feats, meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):
         os.remove(meta_path)  # only reached with --force: the dataset is incomplete until the end
+    for name in sorted(os.listdir(staging), key=lambda name: name == 'meta.json'):
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
+    return meta
+
+
+def write_staged(staging, images, feats, meta):
     meta['splits'] = {}
     for split in SPLITS:
         rows = [i for i, im in enumerate(images) if im['split'] == split]
         if not rows:
             raise UserError(f"{meta['source']}: no images in split {split!r}; every dataset needs train, val and test")
-        ims_path, caps_path = split_paths(out_dir, split)
+        ims_path, caps_path = split_paths(staging, split)
         with atomic_open(ims_path) as f:
             np.save(f, feats[rows])
         with atomic_open(caps_path, 'w') as f:
             f.writelines(' '.join(words) + '\n' for i in rows for words in images[i]['captions'])
-        with atomic_open(os.path.join(out_dir, f'{split}_files.txt'), 'w') as f:
+        with atomic_open(os.path.join(staging, f'{split}_files.txt'), 'w') as f:
             f.writelines(images[i]['file'] + '\n' for i in rows)
         meta['splits'][split] = {'images': len(rows), 'captions': CAPS_PER_IMAGE * len(rows)}
     vocab = build_vocab([w for im in images if im['split'] == 'train' for w in im['captions']], vocab_threshold)
-    write_json(os.path.join(out_dir, 'vocab.json'), vocab)
+    write_json(os.path.join(staging, 'vocab.json'), vocab)
     meta.update(feature_dim=int(feats.shape[1]), caps_per_image=CAPS_PER_IMAGE, vocab_size=len(vocab),
                 vocab_threshold=vocab_threshold, max_len=max_len)
-    write_json(meta_path, meta)
+    write_json(os.path.join(staging, 'meta.json'), meta)
     return meta
+
+
+def lock_dataset(folder):
+    """Only one prep.py writes a dataset at a time: a second one stops at once instead of mixing
+    its files with the first one's. The lock lasts as long as the returned file stays open."""
+    path = os.path.join(folder, '.prep.lock')
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one prep.py at a time is then up to the user
+        return None
+    try:
+        f = open(path, 'a')
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{folder}: another prep.py is writing this dataset right now ({path} is locked); "
+                        "wait for it to finish, or use another --data_dir") from None
+    return f
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -194,9 +241,10 @@ def to_karpathy_json(images, name):
 def main(argv):
     globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
     out_dir = data_dir or os.path.join('data', dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    lock = lock_dataset(out_dir)  # noqa: F841 (held until main returns)
     if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
         raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
-    os.makedirs(out_dir, exist_ok=True)
 
     if dataset == 'synthetic':
         try:

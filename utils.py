@@ -3,6 +3,7 @@ safe file writing, and the retrieval metrics."""
 import ast
 import json
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -62,6 +63,12 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the last net for a file system error no check above turned into a UserError
+        if '--debug' in argv:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; check the path, its permissions and the free disk space",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def pick_device(name):
@@ -79,23 +86,42 @@ def pick_device(name):
 @contextmanager
 def atomic_open(path, mode='wb'):
     """Write `path` all or nothing: a temporary file in the same folder, fsync, then rename.
-    A crash at any moment leaves either the old file or the new one, never a torn one."""
+    A crash at any moment leaves either the old file or the new one, never a torn one; a full
+    disk (or any other write error) is a UserError that names the file, and the old file stays."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
+    tmp = None
     try:
-        with os.fdopen(fd, mode) as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
+        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        fsync_folder(folder)  # make the rename itself survive a power cut
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some disk space or choose another "
+                        "folder, then run again (the previous version of the file, if any, is unchanged)") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows, where folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not sync folders; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
@@ -126,7 +152,23 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         raise UserError(f"{path}: dataset not prepared; run prep.py first (see README)")
-    return read_json(path, 'metadata')
+    meta = read_json(path, 'metadata')
+    if (not isinstance(meta, dict) or not isinstance(meta.get('splits'), dict) or not isinstance(meta.get('dataset'), str)
+            or not isinstance(meta.get('feature_dim'), int)):
+        raise UserError(f"{path}: not the metadata prep.py writes (needs 'dataset', 'splits', 'feature_dim'); "
+                        "run prep.py again with --force=True")
+    return meta
+
+
+def load_vocab(data_dir):
+    """vocab.json: word -> id, with <pad> 0 and <unk> 1, ids 0 .. n-1."""
+    path = os.path.join(data_dir, 'vocab.json')
+    vocab = read_json(path, 'vocabulary')
+    if (not isinstance(vocab, dict) or vocab.get(PAD) != 0 or vocab.get(UNK) != 1
+            or sorted(vocab.values()) != list(range(len(vocab)))):
+        raise UserError(f"{path}: not a vocabulary prep.py writes (word -> id, <pad> 0, <unk> 1, ids 0 to n-1); "
+                        "run prep.py again with --force=True")
+    return vocab
 
 
 def load_split(data_dir, split):
@@ -135,16 +177,58 @@ def load_split(data_dir, split):
     if split not in meta['splits']:
         raise UserError(f"{data_dir}: no split {split!r}; prepared splits are {sorted(meta['splits'])}")
     ims_path, caps_path = split_paths(data_dir, split)
+    again = "run prep.py again with --force=True"
     try:
         feats = np.load(ims_path, mmap_mode='r', allow_pickle=False)
         with open(caps_path, encoding='utf-8') as f:
             captions = f.read().splitlines()
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); run prep.py again with --force=True") from None
-    if feats.ndim != 2 or len(captions) != CAPS_PER_IMAGE * len(feats):
-        raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); "
-                        "run prep.py again with --force=True")
-    return np.array(feats, dtype=np.float32), captions  # a private, writable copy
+        raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); {again}") from None
+    if feats.ndim != 2 or feats.shape[1] != meta['feature_dim']:
+        raise UserError(f"{ims_path}: shape {feats.shape}, expected (images, {meta['feature_dim']}) as meta.json says; {again}")
+    if len(captions) != CAPS_PER_IMAGE * len(feats):
+        raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); {again}")
+    empty = [n for n, c in enumerate(captions) if not c.split()]
+    if empty:
+        raise UserError(f"{caps_path}: line {empty[0] + 1} is an empty caption; {again}")
+    feats = np.array(feats, dtype=np.float32)  # a private, writable copy
+    bad = first_nonfinite_row(feats)
+    if bad is not None:
+        raise UserError(f"{ims_path}: row {bad} holds NaN or inf; {again}")
+    return feats, captions
+
+
+def first_nonfinite_row(feats, rows=8192):
+    """The index of the first row with a NaN or inf, or None; in blocks, to bound the memory."""
+    for start in range(0, len(feats), rows):
+        ok = np.isfinite(feats[start:start + rows]).all(1)
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
+
+
+def load_checkpoint(path, device):
+    """A checkpoint train.py wrote. weights_only=True: tensors and plain containers only, so a
+    file from elsewhere can never run code while it loads; a torn, foreign or malicious file is
+    a UserError, not a traceback."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = [line for line in lines if 'GLOBAL' in line or 'global' in line]
+        if isinstance(e, pickle.UnpicklingError) and code:
+            raise UserError(f"{path}: refused: it holds Python objects that loading would run ({code[0][:150]}); "
+                            "load only checkpoints written by train.py") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
+                        "it may be truncated: use another copy or train again") from None
+    missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint written by train.py (no {', '.join(missing)})")
+    if not isinstance(ckpt['vocab'], dict) or ckpt['vocab'].get(PAD) != 0 or ckpt['vocab'].get(UNK) != 1:
+        raise UserError(f"{path}: its vocabulary is not one prep.py writes; use a checkpoint written by train.py")
+    return ckpt
 
 
 def encode_captions(captions, vocab):
