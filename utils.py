@@ -217,10 +217,10 @@ def load_checkpoint(path, device):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        code = [line for line in lines if 'GLOBAL' in line or 'global' in line]
+        code = re.search(r'GLOBAL ([\w.]+)', str(e))
         if isinstance(e, pickle.UnpicklingError) and code:
-            raise UserError(f"{path}: refused: it holds Python objects that loading would run ({code[0][:150]}); "
-                            "load only checkpoints written by train.py") from None
+            raise UserError(f"{path}: refused: loading it would call {code[1]} (a pickled Python object, not "
+                            "weights); load only checkpoints written by train.py") from None
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
                         "it may be truncated: use another copy or train again") from None
     missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
