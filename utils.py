@@ -1,6 +1,7 @@
 """What prep.py, train.py and eval.py share: the command line, the prepared-data format,
 safe file writing, and the retrieval metrics."""
 import ast
+import errno
 import json
 import os
 import pickle
@@ -86,10 +87,11 @@ def pick_device(name):
 @contextmanager
 def atomic_open(path, mode='wb'):
     """Write `path` all or nothing: a temporary file in the same folder, fsync, then rename.
-    A crash at any moment leaves either the old file or the new one, never a torn one; a full
-    disk (or any other write error) is a UserError that names the file, and the old file stays."""
+    A crash at any moment leaves either the old file or the new one, never a torn one; a write
+    that fails (a full disk, a quota, a file size limit) is a UserError that names the file, and
+    the old file stays."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    tmp, in_body = None, False
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
@@ -97,18 +99,28 @@ def atomic_open(path, mode='wb'):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+            in_body = True
             yield f
+            in_body = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
         fsync_folder(folder)  # make the rename itself survive a power cut
     except OSError as e:
+        if in_body and not failed_write(e):
+            raise  # the caller's own error (e.g. reading an input inside the block): not ours to name
         raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some disk space or choose another "
                         "folder, then run again (the previous version of the file, if any, is unchanged)") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def failed_write(e):
+    """A full disk, a quota or a file size limit; numpy's tofile reports a short write without an errno."""
+    return (e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EROFS, getattr(errno, 'EDQUOT', errno.ENOSPC))
+            or (e.errno is None and ' requested and ' in str(e)))
 
 
 def fsync_folder(folder):

@@ -388,3 +388,20 @@ def test_atomic_write_killed_midway_leaves_the_old_file(tmp_path):
     os.waitpid(pid, 0)
     assert path.read_bytes() == b'old' * 1000
     assert [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]  # the torn temporary, never the file itself
+
+
+def test_atomic_write_names_the_file_only_for_failed_writes(tmp_path):
+    """ENOSPC inside the block is the file's error; another OSError there (reading some input)
+    is the caller's, passed on as it is. The old file stays either way."""
+    import errno
+    from utils import UserError, atomic_open
+    path = tmp_path / 'out.json'
+    path.write_text('old')
+    with pytest.raises(UserError, match='out.json: cannot write it .No space left on device.'):
+        with atomic_open(str(path), 'w') as f:
+            f.write('new')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(FileNotFoundError):
+        with atomic_open(str(path), 'w') as f:
+            open(tmp_path / 'missing input')
+    assert path.read_text() == 'old' and os.listdir(tmp_path) == ['out.json']
