@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -19,9 +20,10 @@ def run_script(script, *args, cwd=None, check=True, timeout=600):
 
 
 def assert_user_error(proc, *fragments):
-    """A bad input ends with exit 1 and one line on stderr that names the problem, no traceback."""
+    """A bad input ends with exit 1 and one line on stderr that names the problem, no traceback
+    (besides the progress bars, on stderr too, of the steps before it)."""
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in proc.stderr.strip().splitlines() if not re.search(r'\d+%\|', line)]
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
