@@ -193,9 +193,10 @@ def download(url, path, size=None, sha256=None):
         try:
             response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
         except urllib.error.HTTPError as e:
-            if e.code != 416 or not have:
-                raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later") from None
-            response, have = urllib.request.urlopen(url, timeout=60), 0  # 416: the part is unusable, start over
+            if e.code == 416 and have:  # the part is no prefix of what the server has: start over
+                os.remove(part)
+                return download(url, path, size, sha256)
+            raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later") from None
         except (urllib.error.URLError, OSError) as e:
             raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network or use --mirror=BASE_URL") from None
         with response:
@@ -306,7 +307,8 @@ def flickr8k_json(text_dir):
 
 
 def fetch_flickr8k(out_dir):
-    """Download, verify and unzip Flickr8k, write out_dir/dataset.json; returns what was fetched."""
+    """Download, verify and unzip Flickr8k; write out_dir/dataset.json unless there is one, and
+    out_dir/download.json: the URL, size and SHA-256 of each zip, for meta.json."""
     base = mirror or FLICKR8K_URL
     fetched = {}
     for name, (size, sha256) in FLICKR8K_ZIPS.items():
@@ -316,9 +318,9 @@ def fetch_flickr8k(out_dir):
         digest = download(url, path, *((None, None) if mirror else (size, sha256)))
         extract_zip(path, out_dir if name == 'Flickr8k_Dataset.zip' else os.path.join(out_dir, 'text'))
         fetched[name] = {'url': url, 'bytes': os.path.getsize(path), 'sha256': digest}
-    write_json(os.path.join(out_dir, 'dataset.json'), flickr8k_json(os.path.join(out_dir, 'text')))
+    if not os.path.exists(os.path.join(out_dir, 'dataset.json')):  # e.g. Karpathy's own: kept
+        write_json(os.path.join(out_dir, 'dataset.json'), flickr8k_json(os.path.join(out_dir, 'text')))
     write_json(os.path.join(out_dir, 'download.json'), fetched)
-    return fetched
 
 
 # ----------------------------------------------------------------------------- features from images
@@ -356,22 +358,22 @@ def image_features(images, out_dir):
     job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'batch_size': batch, 'images': len(paths),
            'files': hashlib.sha256('\n'.join(im['file'] for im in images).encode()).hexdigest()}
     state = read_json(progress_path) if os.path.exists(progress_path) and os.path.exists(feats_path) else {}
-    if state.get('job') == job:
+    resume = state.get('job') == job
+    start, bad = (state['done'], [tuple(b) for b in state['bad']]) if resume else (0, [])
+    backbone = build_backbone(cnn, weights, dev)[0] if start < len(paths) else None  # fails before any file is written
+    if resume:
         out = np.lib.format.open_memmap(feats_path, mode='r+')
-        start, bad = state['done'], [tuple(b) for b in state['bad']]
         if start < len(paths):
             print(f"{feats_path}: resuming at image {start} of {len(paths)}")
     else:
         out = np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=(len(paths), CNN_DIMS[cnn]))
-        start, bad = 0, []
 
     def record(done):  # the rows reach the disk before the record that says they are done
         out.flush()
         write_json(progress_path, {'job': job, 'done': done, 'bad': bad})
 
     record(start)
-    if start < len(paths):
-        backbone, _ = build_backbone(cnn, weights, dev)
+    if backbone is not None:
         extract_features(backbone, paths, cnn, crops, dev, batch_size=batch, workers=workers, out=out,
                          start=start, bad=bad, on_batch=record)
     if bad and not skip_bad:
@@ -445,17 +447,18 @@ def main(argv):
     else:
         check_cnn(cnn, crops)
         json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
-        fetched = None
-        if dataset == 'flickr8k' and not dataset_json and not os.path.exists(json_path):
-            fetched = fetch_flickr8k(out_dir)
+        mat_path = os.path.join(out_dir, 'vgg_feats.mat')
+        images_missing = not features and not os.path.exists(mat_path) and not os.path.isdir(
+            images_dir or os.path.join(out_dir, WHERE_IMAGES['flickr8k'][0]))
+        if dataset == 'flickr8k' and not dataset_json and (not os.path.exists(json_path) or images_missing):
+            fetch_flickr8k(out_dir)
         if not os.path.exists(json_path):
             raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
                             "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
         images = read_karpathy_json(json_path)
-        mat_path = os.path.join(out_dir, 'vgg_feats.mat')
         meta = {'dataset': dataset, 'dataset_json': json_path}
-        if fetched:
-            meta['downloads'] = fetched
+        if os.path.exists(os.path.join(out_dir, 'download.json')):
+            meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
         if features:
             feats, meta['source'] = read_npy_features(features, len(images)), features
         elif os.path.exists(mat_path):

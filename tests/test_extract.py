@@ -125,7 +125,7 @@ def image_dataset(folder, splits, seed=0):
 
 def test_killed_extraction_resumes_without_recomputing_and_gives_the_same_features(tmp_path):
     args = ['--dataset=x', '--weights=random', '--batch_size=1', '--workers=0']
-    image_dataset(tmp_path / 'a', ['train', 'train', 'val', 'test'])
+    image_dataset(tmp_path / 'a', ['train', 'val', 'test'])
     feats, progress = tmp_path / 'a' / 'features_vgg16_1crop.npy', tmp_path / 'a' / 'features_vgg16_1crop.npy.progress.json'
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prep.py'), *args, f'--data_dir={tmp_path / "a"}'],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,17 +137,17 @@ def test_killed_extraction_resumes_without_recomputing_and_gives_the_same_featur
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.load(open(progress))['done']
-    assert 1 <= done < 4 and not (tmp_path / 'a' / 'meta.json').exists()
+    assert 1 <= done < 3 and not (tmp_path / 'a' / 'meta.json').exists()
     # mark a finished row: if it were computed again, the mark would be gone
     rows = np.load(feats, mmap_mode='r+')
     rows[0] = 1.0
     rows.flush()
     del rows
     out = run_script('prep.py', *args, f'--data_dir={tmp_path / "a"}').stdout
-    assert f'resuming at image {done} of 4' in out
+    assert f'resuming at image {done} of 3' in out
     np.testing.assert_allclose(np.load(tmp_path / 'a' / 'train_ims.npy')[0], np.full(4096, 1 / 64), rtol=1e-6)
 
-    image_dataset(tmp_path / 'b', ['train', 'train', 'val', 'test'])   # the same, in one go
+    image_dataset(tmp_path / 'b', ['train', 'val', 'test'])   # the same, in one go
     run_script('prep.py', *args, f'--data_dir={tmp_path / "b"}')
     np.testing.assert_array_equal(np.load(feats)[1:], np.load(tmp_path / 'b' / 'features_vgg16_1crop.npy')[1:])
 
@@ -219,3 +219,13 @@ def test_efficientnet_lite0_classifies_imagenet_images():
     logits = torch.from_numpy(feats) @ state['_fc.weight'].T + state['_fc.bias']
     top1 = (logits.argmax(1).numpy() == np.array([int(r[1]) for r in rows])).mean()
     assert abs(top1 - 0.827) < 0.01, top1
+
+
+def test_failed_weight_download_is_an_error_never_random_weights(monkeypatch):
+    import urllib.error
+
+    def offline(url, **kw):
+        raise urllib.error.URLError('Name or service not known')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    with pytest.raises(UserError, match=r'vgg16-397923af.pth: could not download .* pass --weights=PATH'):
+        build_backbone('vgg16', 'imagenet', CPU)
