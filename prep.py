@@ -15,11 +15,12 @@ L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5
 last, so that a dataset with a meta.json is complete.
 """
 import collections
+import glob
 import os
 import shutil
-import sys
 
 import numpy as np
+import torch
 
 from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
                    extract_features, parse_config, pick_device, read_json, run_main, split_paths,
@@ -382,9 +383,28 @@ def image_paths(images, folder):
     return [os.path.join(folder, im['file']) for im in images]
 
 
-def image_features(images, out_dir):
+def setup_ranks():
+    """Under torchrun the processes share the feature extraction: (rank, world size).
+    gloo only coordinates (barriers); the features go straight into one shared .npy file."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group('gloo', timeout=datetime.timedelta(hours=24))  # rank 0 may be downloading meanwhile
+    return dist.get_rank(), world
+
+
+def wait_for_all_ranks():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def image_features(images, out_dir, rank=0, world=1):
     """Extract features of every image of the dataset json into out_dir/features_<cnn>_<crops>crop.npy,
-    resuming a run that was interrupted. Returns (features, bad): bad lists (index, path, reason)."""
+    resuming a run that was interrupted. Returns (features, bad, where): bad lists (index, path, reason).
+    Under torchrun each rank fills its own shard of rows and only rank 0 returns the result."""
     import hashlib
     folder, what = WHERE_IMAGES.get(dataset, ('images', 'the images named in the dataset json'))
     folder = images_dir or os.path.join(out_dir, folder)
@@ -398,31 +418,48 @@ def image_features(images, out_dir):
         raise UserError(f"{folder}: {len(missing)} of {len(paths)} images are missing ({', '.join(missing[:5])}"
                         f"{', ...' if len(missing) > 5 else ''}); put them there, or pass --skip_bad=True to drop them and their captions")
     dev = pick_device(device)
+    if dev.type == 'cuda' and world > 1:
+        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     batch = batch_size or (256 if dev.type == 'cuda' else 16)
     feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
-    progress_path = feats_path + '.progress.json'
-    # a run continues an earlier one only if everything that decides the numbers is the same
+    # A run continues an earlier one only if everything that decides the numbers is the same.
     job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'batch_size': batch, 'images': len(paths),
            'files': hashlib.sha256('\n'.join(im['file'] for im in images).encode()).hexdigest()}
-    state = read_json(progress_path) if os.path.exists(progress_path) and os.path.exists(feats_path) else {}
-    resume = state.get('job') == job
-    start, bad = (state['done'], [tuple(b) for b in state['bad']]) if resume else (0, [])
-    backbone = build_backbone(cnn, weights, dev)[0] if start < len(paths) else None  # fails before any file is written
-    if resume:
-        out = np.lib.format.open_memmap(feats_path, mode='r+')
-        if start < len(paths):
-            print(f"{feats_path}: resuming at image {start} of {len(paths)}")
-    else:
-        out = np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=(len(paths), CNN_DIMS[cnn]))
+    job_path = feats_path + '.job.json'
+    # Shards are whole batches, so every image meets the same batch as in a single process and
+    # the features are bit for bit those of one process.
+    n = len(paths)
+    step = -(-n // (world * batch)) * batch
+    lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
+    progress_path = feats_path + ('.progress.json' if world == 1 else f'.progress-{rank}-of-{world}.json')
+    valid = os.path.exists(feats_path) and os.path.exists(job_path) and read_json(job_path) == job
+    state = read_json(progress_path) if valid and os.path.exists(progress_path) else {}
+    start, bad = (state['done'], [tuple(b) for b in state['bad']]) if state.get('rows') == [lo, hi] else (lo, [])
+    backbone = build_backbone(cnn, weights, dev)[0] if start < hi else None  # fails before any file is written
+    wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
+    if rank == 0 and not valid:
+        for old in glob.glob(glob.escape(feats_path) + '.progress*.json'):
+            os.remove(old)
+        np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=(n, CNN_DIMS[cnn])).flush()
+        write_json(job_path, job)
+    wait_for_all_ranks()
+    out = np.lib.format.open_memmap(feats_path, mode='r+')
+    if start > lo and start < hi:
+        print(f"{feats_path}: resuming at image {start} of {n}" + (f" (rank {rank}: {lo}..{hi})" if world > 1 else ''))
 
     def record(done):  # the rows reach the disk before the record that says they are done
         out.flush()
-        write_json(progress_path, {'job': job, 'done': done, 'bad': bad})
+        write_json(progress_path, {'job': job, 'rows': [lo, hi], 'done': done, 'bad': bad})
 
     record(start)
     if backbone is not None:
-        extract_features(backbone, paths, cnn, crops, dev, batch_size=batch, workers=workers, out=out,
-                         start=start, bad=bad, on_batch=record)
+        extract_features(backbone, paths[:hi], cnn, crops, dev, batch_size=batch, workers=workers, out=out,
+                         start=start, bad=bad, on_batch=record, progress=rank == 0)
+    wait_for_all_ranks()
+    if rank != 0:
+        return None, None, None
+    for r in range(1, world):
+        bad += [tuple(b) for b in read_json(f'{feats_path}.progress-{r}-of-{world}.json')['bad']]
     if bad and not skip_bad:
         listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
         raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
@@ -479,10 +516,13 @@ def main(argv):
     globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
     out_dir = data_dir or os.path.join('data', dataset)
     os.makedirs(out_dir, exist_ok=True)
-    lock = lock_dataset(out_dir)  # noqa: F841 (held until main returns)
+    rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
+    lock = lock_dataset(out_dir) if rank == 0 else None  # noqa: F841 (held until main returns)
     if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
         raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
 
+    if dataset == 'synthetic' and rank != 0:
+        return
     if dataset == 'synthetic':
         try:
             sizes = [int(x) for x in synthetic_sizes.split(',')]
@@ -498,8 +538,9 @@ def main(argv):
         mat_path = os.path.join(out_dir, 'vgg_feats.mat')
         images_missing = not features and not os.path.exists(mat_path) and not os.path.isdir(
             images_dir or os.path.join(out_dir, WHERE_IMAGES['flickr8k'][0]))
-        if dataset == 'flickr8k' and not dataset_json and (not os.path.exists(json_path) or images_missing):
+        if rank == 0 and dataset == 'flickr8k' and not dataset_json and (not os.path.exists(json_path) or images_missing):
             fetch_flickr8k(out_dir)
+        wait_for_all_ranks()
         if not os.path.exists(json_path):
             raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
                             "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
@@ -507,12 +548,16 @@ def main(argv):
         meta = {'dataset': dataset, 'dataset_json': json_path}
         if os.path.exists(os.path.join(out_dir, 'download.json')):
             meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
+        if rank != 0 and (features or os.path.exists(mat_path)):
+            return
         if features:
             feats, meta['source'] = read_npy_features(features, len(images)), features
         elif os.path.exists(mat_path):
             feats, meta['source'] = read_mat_features(mat_path, len(images)), mat_path
         else:
-            feats, bad, where = image_features(images, out_dir)
+            feats, bad, where = image_features(images, out_dir, rank, world)
+            if rank != 0:
+                return
             meta.update(where, source=where['features_file'], cnn=cnn, crops=crops, weights=weights)
             if weights == 'random':
                 meta['warning'] = 'features of an untrained network (--weights=random): for tests only'

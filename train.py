@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
 from utils import (UserError, atomic_open, embed_split, encode_captions, load_checkpoint, load_meta, load_split,
-                   load_vocab, parse_config, pick_device, retrieval_metrics, run_main, write_json)
+                   load_vocab, parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
