@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from model import JointEmbedding, score_matrix
-from utils import (UNK, UserError, atomic_open, embed_split, encode_captions, load_meta, load_split,
-                   parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main,
-                   tokenize, write_json)
+from utils import (UNK, UserError, atomic_open, embed_split, encode_captions, load_checkpoint, load_meta,
+                   load_split, parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks,
+                   run_main, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -51,13 +51,13 @@ def load_model(path, dev):
     """A checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint; train first (python train.py) or pass --out_dir=FOLDER of a run")
+    ckpt = load_checkpoint(path, dev)  # weights_only: a torn, foreign or malicious file is refused, never run
     try:
-        ckpt = torch.load(path, map_location=dev, weights_only=True)
         cfg = ckpt['config']
         model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), cfg['word_dim'], cfg['embed_dim'], cfg['measure'])
         model.load_state_dict(ckpt['model'])
-    except Exception as e:  # a torn, foreign or malicious file: never executed, only refused
-        raise UserError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # e.g. a config that does not match the weights' shapes
+        raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(dev).eval(), ckpt
 
 
@@ -118,7 +118,8 @@ def image_features(paths, meta, dev):
 
 def find_images_dir(option, data, meta, files):
     """The folder that holds the split's image files: --images_dir, else meta.json's images_dir
-    (relative to data_dir), else the folder of the dataset json (Karpathy's filepath/filename)."""
+    (relative to data_dir for the synthetic set, else as prep.py was given it), else the folder
+    of the dataset json (Karpathy's filepath/filename are relative to it)."""
     if option:
         candidates = [option]
     else:

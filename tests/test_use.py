@@ -10,7 +10,7 @@ from PIL import Image
 
 import eval as ev
 import prep
-from conftest import SHARED, assert_user_error, run_script
+from conftest import assert_user_error, run_script
 from utils import load_meta, load_split, retrieval_ranks
 
 SMALL = ['--embed_dim=64', '--word_dim=32', '--batch_size=64']
@@ -172,7 +172,6 @@ def test_use_errors(run, synthetic_dir, tmp_path):
     assert_user_error(run_script('eval.py', f'--out_dir={run}', '--query=...', check=False), 'no words')
 
 
-@pytest.mark.skipif(not hasattr(__import__('utils'), 'extract_features'), reason='needs the CNN feature extraction of prep.py')
 def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
     """A dataset prepared from pictures (a few synthetic ones, VGG16 with seeded random weights):
     --image computes the same features prep.py did, so the split's own image finds its captions."""
