@@ -24,6 +24,7 @@ split = 'test'                     # train | val | test
 data_dir = ''                      # default: the data_dir the checkpoint was trained on
 save_embeddings = False            # write embeddings_<split>.npz: the vectors that were scored
 device = 'auto'
+compile = True                     # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
 
@@ -45,7 +46,7 @@ def load_model(path, dev):
 def evaluate(model, feats, captions, vocab, dev, folds=False):
     """Metrics of one split; with folds, also the mean over 5 folds of 1,000 images (COCO 1K)."""
     images, caps = embed_split(model, feats, captions, vocab, dev)
-    scores = score_matrix(images, caps, model.measure)
+    scores = score_matrix(images, caps, model.measure, model.compiled)
     result = retrieval_metrics(scores)
     if folds:
         n = len(images) // 5
@@ -70,6 +71,7 @@ def main(argv):
     dev = pick_device(cfg['device'])
     ckpt_path = os.path.join(cfg['out_dir'], cfg['checkpoint'])
     model, ckpt = load_model(ckpt_path, dev)
+    model.compiled = cfg['compile']
     data = cfg['data_dir'] or ckpt['config']['data_dir']
     meta = load_meta(data)
     feats, captions = load_split(data, cfg['split'])
