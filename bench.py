@@ -246,7 +246,7 @@ def bench_eval(s, dev, gen):
 
     # The chunked broadcast, on a slice of the images when the whole would take long; scaled.
     rows = max(1, 2 ** 26 // captions.numel())
-    take = n if n <= 1000 or dev.type == 'cuda' else min(n, max(rows, n // 25))
+    take = n if n <= 1000 or dev.type == 'cuda' else min(n, max(rows, n // 50))
 
     def naive():
         with torch.no_grad():

@@ -145,9 +145,11 @@ def score_matrix(images, captions, measure, compiled=False, chunk_elements=2 ** 
                     block = order_scores(images[r:r + rows], captions[c:c + cols], compiled=True)
                     out[r:r + rows, c:c + cols] = block[:len(out) - r, :out.shape[1] - c]
             return out
+        if measure == 'cosine':
+            return torch.mm(images, captions.t(), out=out)   # one matmul: blocks of rows re-read the captions
         rows = max(1, chunk_elements // max(1, captions.numel()))
         for r in range(0, len(images), rows):
-            out[r:r + rows] = similarity(images[r:r + rows], captions, measure)
+            out[r:r + rows] = order_scores(images[r:r + rows], captions)
     return out
 
 
