@@ -9,7 +9,7 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
 - train: captions/s of training steps through train.py's own train_step, against the GRU's
   forward+backward alone on the same batches (interleaved, so both see the same machine load);
   naive: captions one at a time through the GRU as the seed code did, batches collated in Python
-  by a DataLoader, the full broadcast for order scores, Adam's default implementation.
+  by a DataLoader, the full broadcast for order scores, Adam's per-parameter loop.
 - eval: seconds to score and rank every (image, caption) pair of a test set (COCO 5K: 5,000 x
   25,000, embed 1,024) for the order measure (`ours`) and cosine (`ours_cosine`), against the
   arithmetic floor: 3 vector operations per element of the (images x captions x dims) difference
@@ -163,16 +163,22 @@ def naive_train(s, cfg, feats, tokens, lengths, batches, dev):
 
     def run():
         for images, caps in loader:
-            im = model.encode_images(images.to(dev))
-            hidden = [model.gru(model.word_embed(c.to(dev))[None])[1][0] for c in caps]
-            cap = model._finish(torch.cat(hidden))
-            loss = contrastive_loss(broadcast_order_scores(im, cap), cfg.margin, cfg.max_violation)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
-            optimizer.step()
-            loss.item()      # the reference code logs every step
+            naive_step(model, optimizer, images.to(dev), [c.to(dev) for c in caps], cfg).item()  # logged every step
     return timed(run, dev)
+
+
+def naive_step(model, optimizer, features, captions, cfg):
+    """One training step the plain way: each caption (a 1-d tensor of token ids) through the GRU
+    on its own, the broadcast for order scores. The tests hold train.train_step to it."""
+    images = model.encode_images(features)
+    hidden = [model.gru(model.word_embed(c)[None])[1][0] for c in captions]
+    captions = model._finish(torch.cat(hidden))
+    loss = contrastive_loss(broadcast_order_scores(images, captions), cfg.margin, cfg.max_violation)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
+    optimizer.step()
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------- eval

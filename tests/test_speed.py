@@ -7,12 +7,9 @@ import pytest
 import torch
 
 import train
+from bench import broadcast_order_scores, naive_step
 from conftest import assert_user_error, run_script
-from model import JointEmbedding, contrastive_loss, order_scores, score_matrix
-
-
-def broadcast_order_scores(images, captions):
-    return -(captions[None, :, :] - images[:, None, :]).clamp(min=0).pow(2).sum(-1)
+from model import JointEmbedding, order_scores, score_matrix
 
 
 @pytest.mark.parametrize('n_images,n_captions,dim', [(32, 32, 48), (7, 19, 5)])
@@ -41,19 +38,6 @@ def test_compiled_score_matrix_pads_blocks_and_matches_broadcast():
     torch.testing.assert_close(score_matrix(images, captions, 'cosine', compiled=True), images @ captions.t())
 
 
-def reference_step(model, optimizer, feats, tokens, lengths, idx, cfg):
-    """train_step written the plain way: each caption through the GRU alone, the broadcast."""
-    images = model.encode_images(feats[idx // 5])
-    hidden = [model.gru(model.word_embed(tokens[i:i + 1, :lengths[i]]))[1][0] for i in idx.tolist()]
-    captions = model._finish(torch.cat(hidden))
-    loss = contrastive_loss(broadcast_order_scores(images, captions), cfg.margin, cfg.max_violation)
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
-    optimizer.step()
-    return loss.detach()
-
-
 @pytest.mark.parametrize('compiled', [False, True])
 def test_train_step_equals_the_plain_step(compiled):
     """Three steps of train.train_step (packed GRU, order kernels, fused Adam) and of the plain
@@ -75,7 +59,7 @@ def test_train_step_equals_the_plain_step(compiled):
     for step in range(3):
         idx = torch.randperm(n_caps)[:16]
         a = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
-        b = reference_step(plain, plain_opt, feats, tokens, lengths, idx, cfg)
+        b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fast_opt.param_groups[0]['fused']
     for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
