@@ -94,29 +94,36 @@ class OrderViolation(torch.autograd.Function):
 # The same two formulas written as broadcasts: torch.compile turns each into one fused loop
 # that never materializes the 3-d difference. Shapes are static (dynamic=False): the
 # dynamic-shape kernels ran 2-3 times slower on a CPU; a new shape compiles once, then comes
-# from inductor's on-disk cache.
-@torch.compile(dynamic=False)
-def _order_forward(images, captions):
+# from inductor's on-disk cache. Compiled on first use: torch.compile costs seconds at import.
+def order_forward(images, captions):
     return -(captions[None] - images[:, None]).clamp(min=0).pow(2).sum(-1)
 
 
-@torch.compile(dynamic=False)
-def _order_backward(grad, images, captions):
+def order_backward(grad, images, captions):
     weighted = (captions[None] - images[:, None]).clamp(min=0) * grad[:, :, None]
     return 2 * weighted.sum(1), -2 * weighted.sum(0)
+
+
+_compiled = {}
+
+
+def compiled(fn):
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
 
 
 class CompiledOrderViolation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, captions):
         ctx.save_for_backward(images, captions)
-        return _order_forward(images, captions)
+        return compiled(order_forward)(images, captions)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         images, captions = ctx.saved_tensors
-        return _order_backward(grad.contiguous(), images, captions)
+        return compiled(order_backward)(grad.contiguous(), images, captions)
 
 
 def cosine_scores(images, captions):
