@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model import JointEmbedding, score_matrix
-from utils import (UserError, atomic_open, embed_split, load_meta, load_split, parse_config,
+from utils import (UserError, atomic_open, embed_split, load_checkpoint, load_meta, load_split, parse_config,
                    pick_device, retrieval_metrics, run_main, write_json)
 
 # ----------------------------------------------------------------------------- config
@@ -33,13 +33,13 @@ def load_model(path, dev):
     """A checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint; train first (python train.py) or pass --out_dir=FOLDER of a run")
+    ckpt = load_checkpoint(path, dev)  # weights_only: a torn, foreign or malicious file is refused, never run
     try:
-        ckpt = torch.load(path, map_location=dev, weights_only=True)
         cfg = ckpt['config']
         model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), cfg['word_dim'], cfg['embed_dim'], cfg['measure'])
         model.load_state_dict(ckpt['model'])
-    except Exception as e:  # a torn, foreign or malicious file: never executed, only refused
-        raise UserError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # e.g. a config that does not match the weights' shapes
+        raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(dev).eval(), ckpt
 
 

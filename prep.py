@@ -1,8 +1,13 @@
 """Prepare a dataset once into the arrays that train.py and eval.py read.
 
-    python prep.py --dataset=flickr8k                       # data/flickr8k/dataset.json + vgg_feats.mat
+    python prep.py                                          # Flickr8k: download, VGG16 features, arrays
+    python prep.py --dataset=coco --images_dir=/data/coco --dataset_json=dataset_coco.json
     python prep.py --dataset=coco --features=feats.npy      # your own (N, D) features
     python prep.py --dataset=synthetic                      # offline, seconds; for trying things out
+
+Features come from, in order: --features=PATH.npy; Karpathy's vgg_feats.mat in data_dir; else
+they are extracted from the images (--cnn, --crops, --weights) into data_dir/features_*.npy,
+batch by batch, so that an interrupted run continues where it stopped.
 
 Writes into data_dir, for each split (train, val, test): <split>_ims.npy (float32, rows
 L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5i+4),
@@ -10,19 +15,31 @@ L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5
 last, so that a dataset with a meta.json is complete.
 """
 import collections
+import glob
 import os
-import sys
+import shutil
 
 import numpy as np
+import torch
 
-from utils import (CAPS_PER_IMAGE, PAD, UNK, UserError, atomic_open, parse_config, read_json,
-                   run_main, split_paths, tokenize, write_json)
+from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
+                   extract_features, parse_config, pick_device, read_json, run_main, split_paths,
+                   tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
 data_dir = ''             # default: data/<dataset>
 dataset_json = ''         # Karpathy-format json; default: <data_dir>/dataset.json
 features = ''             # an (N, D) .npy in dataset.json image order: used instead of vgg_feats.mat
+images_dir = ''           # default: data_dir/Flicker8k_Dataset (flickr8k), flickr30k-images, data_dir (coco), images
+mirror = ''               # flickr8k: fetch the zips from this base URL instead of the default source
+cnn = 'vgg16'             # feature extractor: vgg16 | vgg19 | resnet152 | efficientnet_lite0 (pip extra)
+crops = 1                 # 1: resize 256, center crop 224; 10: mean over the 10 crops (the paper's)
+weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PATH to a state_dict | random (tests only)
+batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwise
+workers = 4               # image-decoding processes running alongside the network
+device = 'auto'
+skip_bad = False          # drop images that cannot be read (and their captions) instead of stopping
 vocab_threshold = 4       # words seen fewer times in the train captions become <unk> (VSE++ uses 4)
 max_len = 100             # a caption longer than this many tokens is an error, not silently cut
 force = False             # overwrite a prepared dataset
@@ -64,6 +81,11 @@ def read_karpathy_json(path):
                 raise UserError(f"{where}: a sentence without 'tokens' or 'raw'")
             if not words:
                 raise UserError(f"{where} ({entry.get('filename')}): empty caption; fix or remove it in the json")
+            try:
+                ' '.join(words).encode('utf-8')
+            except UnicodeEncodeError as e:  # e.g. a lone surrogate escaped as \udc80 in the json
+                raise UserError(f"{where} ({entry.get('filename')}): a caption that is not valid Unicode text "
+                                f"({e.reason}); fix it in the json") from None
             if len(words) > max_len:
                 raise UserError(f"{where} ({entry.get('filename')}): a caption of {len(words)} tokens "
                                 f"(more than --max_len={max_len}); fix it or raise --max_len")
@@ -106,7 +128,11 @@ def normalize_rows(feats, source):
     bad = ~np.isfinite(feats).all(1)
     if bad.any():
         raise UserError(f"{source}: {int(bad.sum())} rows hold NaN or inf (first: image {int(bad.argmax())}); regenerate the features")
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    with np.errstate(over='ignore'):
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    if not np.isfinite(norms).all():
+        raise UserError(f"{source}: image {int((~np.isfinite(norms[:, 0])).argmax())}: values so large that the vector's "
+                        "length overflows float32; scale the features down")
     if (norms == 0).any():
         raise UserError(f"{source}: image {int((norms[:, 0] == 0).argmax())} has an all-zero feature vector; regenerate the features")
     return feats / norms
@@ -120,30 +146,325 @@ def build_vocab(captions, threshold):
 
 
 def write_prepared(out_dir, images, feats, meta):
-    """Write the split arrays, then vocab.json, then meta.json (its presence marks a complete dataset)."""
+    """Write the split arrays, vocab.json and meta.json into a staging folder, then move them into
+    out_dir, meta.json last (its presence marks a complete dataset). A failure while writing (a
+    full disk, a bad input) leaves a previously prepared dataset in out_dir as it was."""
     feats = normalize_rows(feats, meta['source'])
+    staging = os.path.join(out_dir, '.prep-staging')
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    try:
+        meta = write_staged(staging, images, feats, meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):
         os.remove(meta_path)  # only reached with --force: the dataset is incomplete until the end
+    for name in sorted(os.listdir(staging), key=lambda name: name == 'meta.json'):
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
+    return meta
+
+
+def write_staged(staging, images, feats, meta):
     meta['splits'] = {}
     for split in SPLITS:
         rows = [i for i, im in enumerate(images) if im['split'] == split]
         if not rows:
             raise UserError(f"{meta['source']}: no images in split {split!r}; every dataset needs train, val and test")
-        ims_path, caps_path = split_paths(out_dir, split)
+        ims_path, caps_path = split_paths(staging, split)
         with atomic_open(ims_path) as f:
             np.save(f, feats[rows])
         with atomic_open(caps_path, 'w') as f:
             f.writelines(' '.join(words) + '\n' for i in rows for words in images[i]['captions'])
-        with atomic_open(os.path.join(out_dir, f'{split}_files.txt'), 'w') as f:
+        with atomic_open(os.path.join(staging, f'{split}_files.txt'), 'w') as f:
             f.writelines(images[i]['file'] + '\n' for i in rows)
         meta['splits'][split] = {'images': len(rows), 'captions': CAPS_PER_IMAGE * len(rows)}
     vocab = build_vocab([w for im in images if im['split'] == 'train' for w in im['captions']], vocab_threshold)
-    write_json(os.path.join(out_dir, 'vocab.json'), vocab)
+    write_json(os.path.join(staging, 'vocab.json'), vocab)
     meta.update(feature_dim=int(feats.shape[1]), caps_per_image=CAPS_PER_IMAGE, vocab_size=len(vocab),
                 vocab_threshold=vocab_threshold, max_len=max_len)
-    write_json(meta_path, meta)
+    write_json(os.path.join(staging, 'meta.json'), meta)
     return meta
+
+
+def lock_dataset(folder):
+    """Only one prep.py writes a dataset at a time: a second one stops at once instead of mixing
+    its files with the first one's. The lock lasts as long as the returned file stays open."""
+    path = os.path.join(folder, '.prep.lock')
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one prep.py at a time is then up to the user
+        return None
+    try:
+        f = open(path, 'a')
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{folder}: another prep.py is writing this dataset right now ({path} is locked); "
+                        "wait for it to finish, or use another --data_dir") from None
+    return f
+
+
+# ----------------------------------------------------------------------------- Flickr8k download
+# The two zips today's tutorials use: the Flickr8k release assets of github.com/jbrownlee/Datasets.
+# (size in bytes, SHA-256) where published; None where not yet recorded: then the SHA-256 seen is
+# printed, for the user to compare, and kept in meta.json either way.
+FLICKR8K_URL = 'https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/'
+FLICKR8K_ZIPS = {
+    'Flickr8k_Dataset.zip': (None, None),   # images under the misspelled folder Flicker8k_Dataset/
+    'Flickr8k_text.zip': (None, None),      # Flickr8k.token.txt and the official 6,000/1,000/1,000 split
+}
+
+
+def download(url, path, size=None, sha256=None):
+    """Fetch url into path with a progress bar; returns the file's SHA-256. A partial download
+    (path.part) resumes with an HTTP Range request; a server that answers 200 instead sends
+    the whole file, which then starts over. A file already at `path` is not fetched again."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    name = os.path.basename(path)
+    sha = hashlib.sha256()
+    if os.path.exists(path):
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                sha.update(chunk)
+    else:
+        part = path + '.part'
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        headers = {'Range': f'bytes={have}-'} if have else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the part is no prefix of what the server has: start over
+                os.remove(part)
+                return download(url, path, size, sha256)
+            raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network or use --mirror=BASE_URL") from None
+        with response:
+            if response.status != 206:
+                have = 0  # the server ignored the Range: it sends everything, from the start
+            if have:
+                with open(part, 'rb') as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b''):
+                        sha.update(chunk)
+            length = response.headers.get('Content-Length')
+            total = have + int(length) if length else None
+            with open(part, 'ab' if have else 'wb') as f, \
+                    tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name) as bar:
+                try:
+                    for chunk in iter(lambda: response.read(1 << 20), b''):
+                        f.write(chunk)
+                        sha.update(chunk)
+                        bar.update(len(chunk))
+                except OSError as e:
+                    raise UserError(f"{url}: download interrupted ({e}); run prep.py again to resume") from None
+        if total is not None and os.path.getsize(part) != total:
+            raise UserError(f"{url}: download stopped at {os.path.getsize(part)} of {total} bytes; run prep.py again to resume")
+        os.replace(part, path)
+    digest = sha.hexdigest()
+    if size is not None and os.path.getsize(path) != size or sha256 is not None and digest != sha256:
+        raise UserError(f"{path}: {os.path.getsize(path)} bytes, SHA-256 {digest}; expected {size} bytes, "
+                        f"SHA-256 {sha256}; delete it and run prep.py again")
+    if sha256 is None:
+        print(f"{name}: SHA-256 {digest} ({os.path.getsize(path)} bytes; no published checksum to compare with)")
+    return digest
+
+
+def safe_members(zf, zip_path):
+    """The members of an open zip to extract: everything but macOS's __MACOSX/ and ._ files.
+    A member that would land outside the target folder (.., an absolute path: zip-slip) or
+    that is a symbolic link is refused, before anything is written."""
+    members = []
+    for info in zf.infolist():
+        name = info.filename
+        parts = name.replace('\\', '/').split('/')
+        if parts[0] == '__MACOSX' or parts[-1].startswith('._'):
+            continue
+        if name.startswith(('/', '\\')) or (len(name) > 1 and name[1] == ':') or '..' in parts:
+            raise UserError(f"{zip_path}: member {name!r} points outside the folder it is extracted to; refusing this zip")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise UserError(f"{zip_path}: member {name!r} is a symbolic link; refusing this zip")
+        members.append(info)
+    return members
+
+
+def extract_zip(zip_path, dest):
+    """Unzip safely into dest, once: a marker file records a finished extraction."""
+    import shutil
+    import zipfile
+    import zlib
+    from tqdm import tqdm
+    marker = os.path.join(dest, f'.{os.path.basename(zip_path)}.extracted')
+    if os.path.exists(marker):
+        return
+    corrupt = f"{zip_path}: not a complete zip file (truncated or corrupt download); delete it and run prep.py again"
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = safe_members(zf, zip_path)
+            for info in tqdm(members, desc=f'unzip {os.path.basename(zip_path)}', unit='file'):
+                target = os.path.join(dest, *info.filename.replace('\\', '/').split('/'))
+                if info.is_dir():
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with zf.open(info) as src, open(target, 'wb') as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError):
+        raise UserError(corrupt) from None
+    write_json(marker, {'zip': zip_path, 'members': len(members)})
+
+
+def find_file(root, name):
+    for folder, _, files in os.walk(root):
+        if name in files and '__MACOSX' not in folder.split(os.sep):
+            return os.path.join(folder, name)
+    raise UserError(f"{root}: no {name} in the extracted Flickr8k_text.zip; delete the zip and the folder and run prep.py again")
+
+
+def flickr8k_json(text_dir):
+    """Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt -> Karpathy's dataset json
+    (dev is Karpathy's val; tokens lowercased, punctuation dropped)."""
+    captions = collections.defaultdict(list)
+    token_path = find_file(text_dir, 'Flickr8k.token.txt')
+    with open(token_path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key, sep, raw = line.rstrip('\n').partition('\t')
+            if not sep or '#' not in key:
+                raise UserError(f"{token_path}: line {n} is not 'image.jpg#k<TAB>caption'")
+            captions[key.rsplit('#', 1)[0]].append(raw.strip())
+    images = []
+    for split, name in (('train', 'train'), ('val', 'dev'), ('test', 'test')):
+        split_path = find_file(text_dir, f'Flickr_8k.{name}Images.txt')
+        with open(split_path, encoding='utf-8') as f:
+            for filename in f.read().split():
+                if len(captions[filename]) < CAPS_PER_IMAGE:
+                    raise UserError(f"{token_path}: {len(captions[filename])} captions for {filename} "
+                                    f"(listed in {os.path.basename(split_path)}); expected {CAPS_PER_IMAGE}")
+                images.append({'filename': filename, 'split': split, 'imgid': len(images),
+                               'sentences': [{'raw': raw, 'tokens': tokenize(raw)} for raw in captions[filename]]})
+    return {'dataset': 'flickr8k', 'images': images}
+
+
+def fetch_flickr8k(out_dir):
+    """Download, verify and unzip Flickr8k; write out_dir/dataset.json unless there is one, and
+    out_dir/download.json: the URL, size and SHA-256 of each zip, for meta.json."""
+    base = mirror or FLICKR8K_URL
+    fetched = {}
+    for name, (size, sha256) in FLICKR8K_ZIPS.items():
+        path = os.path.join(out_dir, name)
+        url = base.rstrip('/') + '/' + name
+        # a mirror is the user's choice: the checksums of the default source do not apply to it
+        digest = download(url, path, *((None, None) if mirror else (size, sha256)))
+        extract_zip(path, out_dir if name == 'Flickr8k_Dataset.zip' else os.path.join(out_dir, 'text'))
+        fetched[name] = {'url': url, 'bytes': os.path.getsize(path), 'sha256': digest}
+    if not os.path.exists(os.path.join(out_dir, 'dataset.json')):  # e.g. Karpathy's own: kept
+        write_json(os.path.join(out_dir, 'dataset.json'), flickr8k_json(os.path.join(out_dir, 'text')))
+    write_json(os.path.join(out_dir, 'download.json'), fetched)
+
+
+# ----------------------------------------------------------------------------- features from images
+WHERE_IMAGES = {  # what a user puts where, and where it is published
+    'flickr8k': ('Flicker8k_Dataset', "Flickr8k's images (Flickr8k_Dataset.zip; python prep.py fetches it)"),
+    'flickr30k': ('flickr30k-images', "Flickr30k's images (flickr30k-images/, from the form at https://shannon.cs.illinois.edu/DenotationGraph/)"),
+    'coco': ('', "COCO 2014's train2014/ and val2014/ folders (https://cocodataset.org/#download: 2014 Train and Val images)"),
+}
+
+
+def image_paths(images, folder):
+    return [os.path.join(folder, im['file']) for im in images]
+
+
+def setup_ranks():
+    """Under torchrun the processes share the feature extraction: (rank, world size).
+    gloo only coordinates (barriers); the features go straight into one shared .npy file."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group('gloo', timeout=datetime.timedelta(hours=24))  # rank 0 may be downloading meanwhile
+    return dist.get_rank(), world
+
+
+def wait_for_all_ranks():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def image_features(images, out_dir, rank=0, world=1):
+    """Extract features of every image of the dataset json into out_dir/features_<cnn>_<crops>crop.npy,
+    resuming a run that was interrupted. Returns (features, bad, where): bad lists (index, path, reason).
+    Under torchrun each rank fills its own shard of rows and only rank 0 returns the result."""
+    import hashlib
+    folder, what = WHERE_IMAGES.get(dataset, ('images', 'the images named in the dataset json'))
+    folder = images_dir or os.path.join(out_dir, folder)
+    paths = image_paths(images, folder)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not os.path.isdir(folder) or len(missing) == len(paths):
+        raise UserError(f"{folder}: none of the {len(paths)} images of the dataset json are there (e.g. {missing[0]}); "
+                        f"put {what} there or pass --images_dir=FOLDER; or give features: Karpathy's vgg_feats.mat "
+                        f"in {out_dir}, or --features=PATH.npy")
+    if missing and not skip_bad:
+        raise UserError(f"{folder}: {len(missing)} of {len(paths)} images are missing ({', '.join(missing[:5])}"
+                        f"{', ...' if len(missing) > 5 else ''}); put them there, or pass --skip_bad=True to drop them and their captions")
+    dev = pick_device(device)
+    if dev.type == 'cuda' and world > 1:
+        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    batch = batch_size or (256 if dev.type == 'cuda' else 16)
+    feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
+    # A run continues an earlier one only if everything that decides the numbers is the same.
+    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'batch_size': batch, 'images': len(paths),
+           'files': hashlib.sha256('\n'.join(im['file'] for im in images).encode()).hexdigest()}
+    job_path = feats_path + '.job.json'
+    # Shards are whole batches, so every image meets the same batch as in a single process and
+    # the features are bit for bit those of one process.
+    n = len(paths)
+    step = -(-n // (world * batch)) * batch
+    lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
+    progress_path = feats_path + ('.progress.json' if world == 1 else f'.progress-{rank}-of-{world}.json')
+    valid = os.path.exists(feats_path) and os.path.exists(job_path) and read_json(job_path) == job
+    state = read_json(progress_path) if valid and os.path.exists(progress_path) else {}
+    start, bad = (state['done'], [tuple(b) for b in state['bad']]) if state.get('rows') == [lo, hi] else (lo, [])
+    backbone = build_backbone(cnn, weights, dev)[0] if start < hi else None  # fails before any file is written
+    wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
+    if rank == 0 and not valid:
+        for old in glob.glob(glob.escape(feats_path) + '.progress*.json'):
+            os.remove(old)
+        np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=(n, CNN_DIMS[cnn])).flush()
+        write_json(job_path, job)
+    wait_for_all_ranks()
+    out = np.lib.format.open_memmap(feats_path, mode='r+')
+    if start > lo and start < hi:
+        print(f"{feats_path}: resuming at image {start} of {n}" + (f" (rank {rank}: {lo}..{hi})" if world > 1 else ''))
+
+    def record(done):  # the rows reach the disk before the record that says they are done
+        out.flush()
+        write_json(progress_path, {'job': job, 'rows': [lo, hi], 'done': done, 'bad': bad})
+
+    record(start)
+    if backbone is not None:
+        extract_features(backbone, paths[:hi], cnn, crops, dev, batch_size=batch, workers=workers, out=out,
+                         start=start, bad=bad, on_batch=record, progress=rank == 0)
+    wait_for_all_ranks()
+    if rank != 0:
+        return None, None, None
+    for r in range(1, world):
+        bad += [tuple(b) for b in read_json(f'{feats_path}.progress-{r}-of-{world}.json')['bad']]
+    if bad and not skip_bad:
+        listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
+        raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
+                        "--skip_bad=True to drop them and their captions (the other features are kept)")
+    return np.asarray(out), bad, {'features_file': feats_path, 'images_dir': folder}
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -194,10 +515,14 @@ def to_karpathy_json(images, name):
 def main(argv):
     globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
     out_dir = data_dir or os.path.join('data', dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
+    lock = lock_dataset(out_dir) if rank == 0 else None  # noqa: F841 (held until main returns)
     if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
         raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
-    os.makedirs(out_dir, exist_ok=True)
 
+    if dataset == 'synthetic' and rank != 0:
+        return
     if dataset == 'synthetic':
         try:
             sizes = [int(x) for x in synthetic_sizes.split(',')]
@@ -208,19 +533,41 @@ def main(argv):
         write_json(os.path.join(out_dir, 'dataset.json'), to_karpathy_json(images, 'synthetic'))
         meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {seed})'}
     else:
+        check_cnn(cnn, crops)
         json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
-        if not os.path.exists(json_path):
-            raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there "
-                            "(from the Karpathy split zips, e.g. caption_datasets.zip) or pass --dataset_json=PATH")
-        images = read_karpathy_json(json_path)
         mat_path = os.path.join(out_dir, 'vgg_feats.mat')
+        images_missing = not features and not os.path.exists(mat_path) and not os.path.isdir(
+            images_dir or os.path.join(out_dir, WHERE_IMAGES['flickr8k'][0]))
+        if rank == 0 and dataset == 'flickr8k' and not dataset_json and (not os.path.exists(json_path) or images_missing):
+            fetch_flickr8k(out_dir)
+        wait_for_all_ranks()
+        if not os.path.exists(json_path):
+            raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
+                            "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
+        images = read_karpathy_json(json_path)
+        meta = {'dataset': dataset, 'dataset_json': json_path}
+        if os.path.exists(os.path.join(out_dir, 'download.json')):
+            meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
+        if rank != 0 and (features or os.path.exists(mat_path)):
+            return
         if features:
-            feats, source = read_npy_features(features, len(images)), features
+            feats, meta['source'] = read_npy_features(features, len(images)), features
         elif os.path.exists(mat_path):
-            feats, source = read_mat_features(mat_path, len(images)), mat_path
+            feats, meta['source'] = read_mat_features(mat_path, len(images)), mat_path
         else:
-            raise UserError(f"{out_dir}: no image features; put Karpathy's vgg_feats.mat there or pass --features=PATH.npy")
-        meta = {'dataset': dataset, 'source': source, 'dataset_json': json_path}
+            feats, bad, where = image_features(images, out_dir, rank, world)
+            if rank != 0:
+                return
+            meta.update(where, source=where['features_file'], cnn=cnn, crops=crops, weights=weights)
+            if weights == 'random':
+                meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
+            if bad:
+                meta['skipped_images'] = [{'file': images[i]['file'], 'reason': reason} for i, _, reason in bad]
+                dropped = {i for i, _, _ in bad}
+                keep = [i for i in range(len(images)) if i not in dropped]
+                images, feats = [images[i] for i in keep], feats[keep]
+                print(f"skipped {len(bad)} unreadable images and their {CAPS_PER_IMAGE * len(bad)} captions "
+                      f"(--skip_bad=True; listed in meta.json): " + ', '.join(p for _, p, _ in bad[:10]))
     meta = write_prepared(out_dir, images, feats, meta)
     counts = ', '.join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in meta['splits'].items())
     print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features; vocabulary {meta['vocab_size']} words")

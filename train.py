@@ -7,6 +7,8 @@ Every constant below can be overridden as --name=value. Writes into out_dir: bes
 validation rsum), last.pt (where training stands; --resume=True continues from it) and
 log.jsonl (loss and validation metrics).
 """
+import glob
+import io
 import json
 import math
 import os
@@ -21,8 +23,8 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (UserError, atomic_open, embed_split, encode_captions, load_meta, load_split,
-                   parse_config, pick_device, read_json, retrieval_metrics, run_main, write_json)
+from utils import (UserError, atomic_open, embed_split, encode_captions, load_checkpoint, load_meta, load_split,
+                   load_vocab, parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -51,9 +53,11 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 
 def save_checkpoint(path, cfg, vocab, model, feature_dim, **state):
     """A checkpoint holds everything eval.py needs: config, vocabulary, feature size, weights."""
+    buffer = io.BytesIO()  # serialized first: torch.save into a full disk fails with an obscure RuntimeError
+    torch.save({'config': vars(cfg), 'vocab': vocab, 'feature_dim': feature_dim,
+                'model': model.state_dict(), **state}, buffer)
     with atomic_open(path) as f:
-        torch.save({'config': vars(cfg), 'vocab': vocab, 'feature_dim': feature_dim,
-                    'model': model.state_dict(), **state}, f)
+        f.write(buffer.getbuffer())
 
 
 def epoch_order(n, epoch):
@@ -114,16 +118,16 @@ def average_gradients(model):
 
 def train_step(model, optimizer, feats, tokens, lengths, idx, cfg):
     """One step on this rank's captions idx (a CPU index): loss, backward, gradients averaged
-    over ranks, clip, Adam. Returns the loss as a device tensor, so that the loop never waits
-    for the device."""
+    over ranks, clip, Adam. Returns the loss and the gradient norm before clipping as device
+    tensors, so that the loop never waits for the device."""
     loss = batch_loss(model, feats, tokens, lengths, idx, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if dist.is_initialized():
         average_gradients(model)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    return loss.detach()
+    return loss.detach(), grad_norm
 
 
 def any_rank(flag, dev):
@@ -138,6 +142,8 @@ def any_rank(flag, dev):
 def validate(model, feats, captions, vocab, dev):
     model.eval()
     images, caps = embed_split(model, feats, captions, vocab, dev)
+    if not (torch.isfinite(images).all() and torch.isfinite(caps).all()):
+        raise FloatingPointError("the validation embeddings became NaN or inf")  # weights too large, if finite
     result = retrieval_metrics(score_matrix(images, caps, model.measure, model.compiled))
     model.train()
     return result
@@ -155,7 +161,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)
 
     meta = load_meta(cfg.data_dir)
-    vocab = read_json(os.path.join(cfg.data_dir, 'vocab.json'), 'vocabulary')
+    vocab = load_vocab(cfg.data_dir)
     train_feats, train_caps = load_split(cfg.data_dir, 'train')
     val_feats, val_caps = load_split(cfg.data_dir, 'val')
     n_val = cfg.val_images or (1000 if meta['dataset'] == 'coco' else len(val_feats))
@@ -176,35 +182,76 @@ def main(argv):
     optimizer = make_optimizer(model, cfg.learning_rate)
     os.makedirs(cfg.out_dir, exist_ok=True)
     last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+    # Each iteration's loss and gradient norm, checked for NaN/inf (and logged) every log_interval.
+    losses, grad_norms = torch.zeros(cfg.log_interval, device=dev), torch.zeros(cfg.log_interval, device=dev)
     it, best_rsum = 0, -1.0
     if cfg.resume:
-        it, best_rsum = resume_from(last_path, cfg, vocab, feats.shape[1], model, optimizer, dev)
+        it, best_rsum = resume_from(last_path, cfg, vocab, feats.shape[1], model, optimizer, dev, losses, grad_norms)
         if it >= cfg.epochs * iters_per_epoch:
             print(f"{last_path}: this run already finished ({cfg.epochs} epochs); nothing to do")
             return
         print(f"resuming from {last_path} at iteration {it} (epoch {it // iters_per_epoch})")
+        if master:
+            trim_log(log_path, it)
     elif os.path.exists(last_path):
         raise UserError(f"{last_path} exists: pass --resume=True to continue that run, or choose another --out_dir")
-    log = open(os.path.join(cfg.out_dir, 'log.jsonl') if master else os.devnull, 'a')
+    saved_it = it if cfg.resume else None  # the iteration last.pt holds
+    if master:
+        remove_stale_temporaries(cfg.out_dir)
+    try:
+        log = open(log_path if master else os.devnull, 'a' if cfg.resume else 'w', encoding='utf-8')
+    except OSError as e:
+        raise UserError(f"{log_path}: cannot write it ({e.strerror}); check the folder's permissions") from None
     if master:
         print(f"training on {dev}{f' x {world} processes' if world > 1 else ''}: {n_caps} captions, {len(feats)} images, "
               f"{iters_per_epoch} iterations of {global_batch} per epoch; validating on {n_val} val images; writing to {cfg.out_dir}")
 
+    def check_finite():
+        """Stop at the first NaN or inf since the last check: in a loss, a gradient norm or, after
+        them, the weights. Called before every log line, validation and checkpoint, so that
+        last.pt always holds the last good state."""
+        n = (it - 1) % cfg.log_interval + 1  # the entries since the last full window
+        window = torch.stack((losses[:n], grad_norms[:n])).cpu()
+        bad = (~torch.isfinite(window)).any(0).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            what, value = ('loss', window[0, k]) if not torch.isfinite(window[0, k]) else ('gradient norm', window[1, k])
+            what, where = f"the {what} became {value.item()}", it - n + 1 + k
+        elif not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            what, where = "the weights became NaN or inf", it
+        else:
+            return
+        stop_non_finite(what, where)
+
+    def stop_non_finite(what, where):
+        kept = (f"{last_path} keeps the last good state (iteration {saved_it})" if saved_it is not None
+                else "no checkpoint had been written yet")
+        raise UserError(f"{what} at iteration {where}; training stopped, {kept}; "
+                        "try a lower --learning_rate or check the features")
+
     def checkpoint(val=None):
-        nonlocal best_rsum
+        nonlocal best_rsum, saved_it
+        check_finite()
         if not master:
             return
-        state = dict(iteration=it, best_rsum=max(best_rsum, val['rsum']) if val else best_rsum)
+        state = dict(iteration=it, best_rsum=max(best_rsum, val['rsum']) if val else best_rsum,
+                     loss_window=losses.cpu(), grad_norm_window=grad_norms.cpu(), rng_state=torch.get_rng_state())
         if val is not None and val['rsum'] > best_rsum:
             best_rsum = val['rsum']
             save_checkpoint(best_path, cfg, vocab, model, feats.shape[1], val=val, **state)
         save_checkpoint(last_path, cfg, vocab, model, feats.shape[1], optimizer=optimizer.state_dict(), **state)
+        saved_it = it
 
     # A preempted or Ctrl-C'd run stops at the next iteration boundary and saves last.pt.
+    # A second Ctrl-C stops at once (all writes are atomic, so nothing is torn).
     stop, stopping = [], False
-    handler = lambda signum, frame: stop.append(signum)
+
+    def handler(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
     old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    losses = torch.zeros(cfg.log_interval, device=dev)
     try:
         while it < cfg.epochs * iters_per_epoch:
             epoch, start = divmod(it, iters_per_epoch)
@@ -219,33 +266,32 @@ def main(argv):
                 # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
-                losses[it % cfg.log_interval] = train_step(model, optimizer, feats, tokens, lengths,
-                                                           idx[rank * share:(rank + 1) * share], cfg)
+                losses[it % cfg.log_interval], grad_norms[it % cfg.log_interval] = train_step(
+                    model, optimizer, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], cfg)
                 it += 1
                 if it % cfg.log_interval == 0 or b == iters_per_epoch - 1:
+                    check_finite()
                     window = losses[:(it - 1) % cfg.log_interval + 1].cpu()
-                    if not torch.isfinite(window).all():
-                        bad = it - len(window) + int((~torch.isfinite(window)).nonzero()[0])
-                        raise UserError(f"loss became {window[bad - it + len(window)].item()} at iteration {bad}; "
-                                        f"training stopped, {last_path} keeps the last good state "
-                                        "(try a lower --learning_rate or check the features)")
                     bar.set_postfix(loss=f"{window.mean().item():.3f}")
-                    log.write(f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "loss": {window.mean().item():.6g}, "lr": {lr:g}}}\n')
-                    log.flush()
+                    write_log(log, f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "loss": {window.mean().item():.6g}, "lr": {lr:g}}}\n')
                 if (world == 1 or it % cfg.log_interval == 0) and any_rank(stop, dev):
                     stopping = True
                     break
                 if cfg.eval_interval and it % cfg.eval_interval == 0 and b != iters_per_epoch - 1:
+                    check_finite()
                     validate_and_save(model, val_feats, val_caps, vocab, dev, it, iters_per_epoch, log, checkpoint, master)
             bar.close()
             if stopping:
                 checkpoint()
                 if master:
                     print(f"stopped at iteration {it}; {last_path} saved: continue with --resume=True")
-                return
+                # the shell's code for "killed by this signal", so that `train.py && eval.py` stops here
+                raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
             if master:
                 print(f"epoch {epoch + 1}: {(iters_per_epoch - start) * global_batch / (time.time() - t0):.0f} captions/s")
             validate_and_save(model, val_feats, val_caps, vocab, dev, it, iters_per_epoch, log, checkpoint, master)
+    except FloatingPointError as e:
+        stop_non_finite(str(e), it)
     finally:
         log.close()
         for s, h in old_handlers.items():
@@ -267,24 +313,77 @@ def report(val, it, iters_per_epoch, log, checkpoint):
     print(f"iteration {it} (epoch {it / iters_per_epoch:.2f}) val: "
           f"i2t R@1 {val['i2t']['r1']:.1f} R@5 {val['i2t']['r5']:.1f} R@10 {val['i2t']['r10']:.1f} | "
           f"t2i R@1 {val['t2i']['r1']:.1f} R@5 {val['t2i']['r5']:.1f} R@10 {val['t2i']['r10']:.1f} | rsum {val['rsum']:.1f}")
-    log.write(f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "val": {json.dumps(val)}}}\n')
-    log.flush()
+    write_log(log, f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "val": {json.dumps(val)}}}\n')
     checkpoint(val)
 
 
-def resume_from(path, cfg, vocab, feature_dim, model, optimizer, dev):
+def write_log(log, line):
+    try:
+        log.write(line)
+        log.flush()
+    except OSError as e:
+        raise UserError(f"{log.name}: cannot write it ({e.strerror or e}); free some disk space, then continue "
+                        "with --resume=True") from None
+
+
+def trim_log(path, iteration):
+    """A resumed run repeats the iterations after its checkpoint: drop their lines (and a line
+    torn by a kill) from log.jsonl, so that it reads as if the run had never stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding='utf-8', errors='replace') as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith('\n') and json.loads(line)['iteration'] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if kept != lines:
+        with atomic_open(path, 'w') as f:
+            f.writelines(kept)
+
+
+def remove_stale_temporaries(out_dir):
+    """The temporary files of atomic writes that a kill interrupted (checkpoints can be large)."""
+    for name in ('last.pt', 'best.pt', 'log.jsonl'):
+        for path in glob.glob(os.path.join(glob.escape(out_dir), f'.{glob.escape(name)}.*.tmp')):
+            os.remove(path)
+
+
+def resume_from(path, cfg, vocab, feature_dim, model, optimizer, dev, losses, grad_norms):
+    """Load last.pt into the model and optimizer (and the RNG and the loss window); returns
+    (iteration, best validation rsum)."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no checkpoint to resume from; drop --resume=True to start a new run")
-    ckpt = torch.load(path, map_location=dev, weights_only=True)
+    ckpt = load_checkpoint(path, dev)
     saved = ckpt['config']
     changed = [k for k in ('dataset', 'measure', 'embed_dim', 'word_dim', 'batch_size', 'seed')
                if saved.get(k) != getattr(cfg, k)]
     if changed or ckpt['vocab'] != vocab or ckpt['feature_dim'] != feature_dim:
-        what = ', '.join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed) or 'the vocabulary or features differ'
-        raise UserError(f"{path}: cannot resume with a different setup ({what}); use the same options or a new --out_dir")
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    return ckpt['iteration'], ckpt['best_rsum']
+        what = ', '.join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        if not what:
+            what = ("its vocabulary differs from this dataset's" if ckpt['vocab'] != vocab else
+                    f"{ckpt['feature_dim']}-d image features, this dataset has {feature_dim}-d")
+        raise UserError(f"{path}: cannot resume with a different setup ({what}); use the same options and "
+                        "dataset, or a new --out_dir")
+    try:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iteration, best_rsum = int(ckpt['iteration']), float(ckpt['best_rsum'])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+                        "use a new --out_dir") from None
+    if 'rng_state' in ckpt:
+        torch.set_rng_state(ckpt['rng_state'].cpu())
+    if 'loss_window' in ckpt and ckpt['loss_window'].shape == losses.shape:  # same --log_interval
+        losses.copy_(ckpt['loss_window'])
+        grad_norms.copy_(ckpt['grad_norm_window'])
+    changed = [k for k in saved if k not in ('resume',) and k in vars(cfg) and saved[k] != getattr(cfg, k)]
+    if changed:
+        print("note: resuming with " + ', '.join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed))
+    return iteration, best_rsum
 
 
 if __name__ == '__main__':

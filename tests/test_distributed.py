@@ -1,5 +1,6 @@
 """torchrun: two gloo processes on the CPU compute the same loss and gradients as one process on
-the same global batch, and train.py trains and resumes under torchrun."""
+the same global batch, train.py trains and resumes under torchrun, and prep.py's sharded feature
+extraction equals a single process's."""
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,9 +72,9 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
         assert loss > 0
 
 
-def torchrun(*args):
+def torchrun(*args, script='train.py'):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'train.py'), *args]
+           os.path.join(ROOT, script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -91,3 +93,20 @@ def test_torchrun_trains_resumes_and_evaluates(synthetic_dir, tmp_path):
     run_script('eval.py', f'--out_dir={out}')
     result = json.load(open(out / 'results_test.json'))
     assert result['rsum'] > 150  # chance is about 30 on 100 test images
+
+
+def test_torchrun_extraction_equals_one_process(tmp_path):
+    from test_extract import image_dataset
+    splits = ['train'] * 4 + ['val'] * 2 + ['test']      # 7 images: shards of whole batches, 4 + 3
+    args = ['--dataset=x', '--weights=random', '--batch_size=2', '--workers=0']
+    for name in ('one', 'two'):
+        image_dataset(tmp_path / name, splits)
+    run_script('prep.py', *args, f'--data_dir={tmp_path / "one"}')
+    torchrun(*args, f'--data_dir={tmp_path / "two"}', script='prep.py')
+    for name in ('features_vgg16_1crop.npy', 'train_ims.npy', 'val_ims.npy', 'test_ims.npy'):
+        one, two = np.load(tmp_path / 'one' / name), np.load(tmp_path / 'two' / name)
+        assert one.shape[1] == 4096 and np.abs(one).sum() > 0
+        np.testing.assert_array_equal(one, two)
+    assert (tmp_path / 'two' / 'features_vgg16_1crop.npy.progress-1-of-2.json').exists()  # rank 1 did its shard
+    meta = json.load(open(tmp_path / 'two' / 'meta.json'))
+    assert meta['splits']['train'] == {'images': 4, 'captions': 20}

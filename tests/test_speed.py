@@ -58,7 +58,8 @@ def test_train_step_equals_the_plain_step(compiled):
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
     for step in range(3):
         idx = torch.randperm(n_caps)[:16]
-        a = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        a, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        assert norm > cfg.grad_clip
         b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fast_opt.param_groups[0]['fused']
