@@ -15,9 +15,10 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   arithmetic floor: 3 vector operations per element of the (images x captions x dims) difference
   (subtract, clamp, multiply-add) at the device's fused multiply-add rate, measured by a matmul;
   naive: the broadcast in chunks of 2^26 elements.
-- extract: images/s from JPEG files to features, 1 and 10 crops, against VGG16's forward rate
-  alone (random weights; the rate does not depend on them) and PIL's decode rate alone; naive:
-  one image at a time through PIL and fp32.
+- extract: images/s from JPEG files to saved features through prep.py's extraction
+  (utils.extract_features), 1 and 10 crops, against VGG16's forward rate alone (random weights;
+  the rate does not depend on them) and PIL's decode rate alone times the decoding processes;
+  naive: one image at a time through PIL and fp32.
 Prints one table and writes every figure to --out (JSON).
 """
 import os
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import UserError, parse_config, pick_device, retrieval_ranks, run_main, write_json
+from utils import (UserError, build_backbone, extract_features, parse_config, pick_device, retrieval_ranks,
+                   run_main, write_json)
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
@@ -50,13 +53,13 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # end). The eval sizes are those of the test split; extraction is timed on a few files.
 SCALES = {
     'tiny': dict(train_images=128, vocab=100, feature_dim=64, word_dim=16, embed_dim=32, batch_size=32, iters=10,
-                 test_images=100, extract_images=4, image_size=(80, 60), crop=64),
+                 test_images=100, extract_images=2, image_size=(320, 240)),
     'flickr8k': dict(train_images=6000, vocab=2500, test_images=1000),
     'flickr30k': dict(train_images=29000, vocab=7000, test_images=1000),
     'coco': dict(train_images=113287, vocab=10000, test_images=5000),
 }
 DEFAULTS = dict(feature_dim=4096, word_dim=300, embed_dim=1024, batch_size=128, iters=30,
-                extract_images=0, image_size=(640, 480), crop=224)
+                extract_images=0, image_size=(640, 480))
 LENGTHS = (8, 15)
 STAGES = ('train', 'eval', 'extract')
 
@@ -282,57 +285,75 @@ def draw_jpegs(folder, count, size, gen):
     return paths
 
 
-def fc7_network(dev):
-    """VGG16 up to fc7 (after its ReLU), the features order-embeddings use."""
-    from torchvision.models import vgg16
-    net = vgg16(weights=None)
-    net.classifier = net.classifier[:5]
-    return net.to(dev).eval()
-
-
 def pil_to_tensor(image, crop):
     from torchvision.transforms import functional as TF
     image = TF.center_crop(TF.resize(image, crop * 256 // 224), crop)
-    x = TF.to_tensor(image)
-    return TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return TF.normalize(TF.to_tensor(image), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def bench_extract(s, dev, gen):
+    """prep.py's extraction (utils.extract_features with prep.py's batch size and workers) on
+    JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not depend on
+    them), the features saved as .npy as prep.py does."""
+    import contextlib
+    import io
     from PIL import Image
-    count = extract_images or s['extract_images'] or (256 if dev.type == 'cuda' else 16)
-    crop, batch = s['crop'], min(count, 64 if dev.type == 'cuda' else 8)
-    net = fc7_network(dev)
+    count = extract_images or s['extract_images'] or (512 if dev.type == 'cuda' else 16)
+    batch = prep.batch_size or (256 if dev.type == 'cuda' else 16)
+    with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
+        net, _ = build_backbone('vgg16', 'random', dev)
+    result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
+              'workers': prep.workers}
     with tempfile.TemporaryDirectory() as folder:
         paths = draw_jpegs(folder, count, s['image_size'], gen)
+        for crops, suffix in ((1, ''), (10, '_10crop')):
+            def ours():
+                feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
+                                         progress=False)
+                np.save(os.path.join(folder, 'features.npy'), feats)
+            extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False)  # warm-up
+            result['ours' + suffix] = count / timed(ours, dev)
 
         def decode():
             for p in paths:
                 with Image.open(p) as im:
                     im.convert('RGB').load()
-        decode()
-        decode_rate = count / timed(decode, dev)
+        result['decode'] = count / timed(decode, dev)
 
-        x = torch.randn(batch, 3, crop, crop, device=dev)
-        with torch.no_grad():
+        x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
+        if dev.type == 'cuda':       # as extract_features runs it
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
             net(x)
-            forward_rate = batch * max(1, count // batch) / timed(lambda: [net(x) for _ in range(max(1, count // batch))], dev)
+            passes = max(1, count // len(x))
+            result['vgg16_forward'] = passes * len(x) / timed(lambda: [net(x) for _ in range(passes)], dev)
 
         naive_count = min(count, 4)
+        naive_net = fc7_network(dev)
 
         def naive():
             with torch.no_grad():
                 for p in paths[:naive_count]:
                     with Image.open(p) as im:
-                        net(pil_to_tensor(im.convert('RGB'), crop)[None].to(dev)).cpu()
-        naive_rate = naive_count / timed(naive, dev)
-
-    result = {'ours': None, 'ours_10crop': None, 'ratio': None, 'ratio_10crop': None, 'unit': 'images/s',
-              'ceiling': min(forward_rate, decode_rate), 'ceiling_10crop': min(forward_rate / 10, decode_rate),
-              'vgg16_forward': forward_rate, 'decode': decode_rate, 'naive': naive_rate,
-              'images': count, 'crop': crop, 'image_size': list(s['image_size']),
-              'note': 'ours: feature extraction (utils.extract_features, issue 3) is not in this repository yet; '
-                      'ceilings: VGG16 to fc7 in fp32 at batch %d, PIL decode in one process' % batch}
+                        naive_net(pil_to_tensor(im.convert('RGB'), 224)[None].to(dev)).cpu()
+        result['naive'] = naive_count / timed(naive, dev)
+    # The decode ceiling is one process's; prep.py decodes in `workers` processes alongside.
+    decoders = max(1, min(prep.workers, os.cpu_count() or 1))
+    result['ceiling'] = min(result['vgg16_forward'], result['decode'] * decoders)
+    result['ceiling_10crop'] = min(result['vgg16_forward'] / 10, result['decode'] * decoders)
+    result['ratio'] = result['ours'] / result['ceiling']
+    result['ratio_10crop'] = result['ours_10crop'] / result['ceiling_10crop']
+    result['note'] = ('ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction runs it) and '
+                      f'one process\'s PIL decode rate times {decoders} (prep.py\'s {prep.workers} workers, at most one per core)')
     return result
+
+
+def fc7_network(dev):
+    """VGG16 up to fc7 in fp32, for the naive way."""
+    from torchvision.models import vgg16
+    net = vgg16(weights=None)
+    net.classifier = net.classifier[:5]
+    return net.to(dev).eval()
 
 
 # ----------------------------------------------------------------------------- main
