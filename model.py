@@ -1,5 +1,7 @@
 """Order-embeddings (Vendrov et al., ICLR 2016) and VSE/VSE++ (Faghri et al., 2018):
 the two encoders, the two similarity measures and the contrastive hinge loss."""
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,6 +111,9 @@ _compiled = {}
 
 def compiled(fn):
     if fn not in _compiled:
+        # inductor imports cpp_extension, which warns on stderr about CUDA_HOME on a machine
+        # without CUDA: noise that would break the one-line error messages
+        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
 
