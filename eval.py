@@ -34,6 +34,7 @@ data_dir = ''                      # default: the data_dir the checkpoint was tr
 save_embeddings = False            # write embeddings_<split>.npz: the vectors that were scored
 save_ranks = False                 # write ranks_<split>.json: each query's rank of its ground truth and its top 10
 device = 'auto'
+compile = True                     # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 # using the model (instead of the metrics)
 query = ''                         # a sentence: print the split's top-k images for it
 image = ''                         # an image file: print the split's top-k captions for it
@@ -375,7 +376,7 @@ def compare_runs(runs, split):
 def evaluate(model, feats, captions, vocab, dev, folds=False):
     """Metrics of one split; with folds, also the mean over 5 folds of 1,000 images (COCO 1K)."""
     images, caps = embed_split(model, feats, captions, vocab, dev)
-    scores = score_matrix(images, caps, model.measure)
+    scores = score_matrix(images, caps, model.measure, model.compiled)
     result = retrieval_metrics(scores)
     if folds:
         n = len(images) // 5
@@ -403,6 +404,7 @@ def main(argv):
     dev = pick_device(cfg['device'])
     ckpt_path = os.path.join(cfg['out_dir'], cfg['checkpoint'])
     model, ckpt = load_model(ckpt_path, dev)
+    model.compiled = cfg['compile']
     data = cfg['data_dir'] or ckpt['config']['data_dir']
     meta = load_meta(data)
     feats, captions = load_split(data, cfg['split'])

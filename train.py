@@ -46,6 +46,7 @@ log_interval = 50         # iterations between loss lines in log.jsonl
 resume = False            # continue from out_dir/last.pt
 seed = 1234
 device = 'auto'           # auto = cuda, then mps, then cpu
+compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
 
@@ -63,6 +64,11 @@ def epoch_order(n, epoch):
     """The caption order of one epoch: a function of (seed, epoch) alone, so that a resumed
     run visits exactly the batches an uninterrupted one would."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def make_optimizer(model, lr):
+    # fused: one kernel for all parameters; 4-6 times faster than the default on a 2-core CPU (this model: 15-18 ms, not 77-105 ms)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def setup_distributed(device_name):
@@ -110,6 +116,20 @@ def average_gradients(model):
         g.copy_(part.view_as(g))
 
 
+def train_step(model, optimizer, feats, tokens, lengths, idx, cfg):
+    """One step on this rank's captions idx (a CPU index): loss, backward, gradients averaged
+    over ranks, clip, Adam. Returns the loss and the gradient norm before clipping as device
+    tensors, so that the loop never waits for the device."""
+    loss = batch_loss(model, feats, tokens, lengths, idx, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist.is_initialized():
+        average_gradients(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
 def any_rank(flag, dev):
     """True on every rank when it is True on any: ranks must agree before leaving the loop."""
     if not dist.is_initialized():
@@ -124,7 +144,7 @@ def validate(model, feats, captions, vocab, dev):
     images, caps = embed_split(model, feats, captions, vocab, dev)
     if not (torch.isfinite(images).all() and torch.isfinite(caps).all()):
         raise FloatingPointError("the validation embeddings became NaN or inf")  # weights too large, if finite
-    result = retrieval_metrics(score_matrix(images, caps, model.measure))
+    result = retrieval_metrics(score_matrix(images, caps, model.measure, model.compiled))
     model.train()
     return result
 
@@ -155,11 +175,11 @@ def main(argv):
     global_batch = cfg.batch_size * world
     iters_per_epoch = math.ceil(n_caps / global_batch)
 
-    model = JointEmbedding(feats.shape[1], len(vocab), cfg.word_dim, cfg.embed_dim, cfg.measure).to(dev)
+    model = JointEmbedding(feats.shape[1], len(vocab), cfg.word_dim, cfg.embed_dim, cfg.measure, cfg.compile).to(dev)
     if world > 1:
         for p in model.parameters():
             dist.broadcast(p.data, 0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = make_optimizer(model, cfg.learning_rate)
     os.makedirs(cfg.out_dir, exist_ok=True)
     last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
@@ -246,14 +266,8 @@ def main(argv):
                 # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
-                loss = batch_loss(model, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    average_gradients(model)
-                grad_norms[it % cfg.log_interval] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                losses[it % cfg.log_interval] = loss.detach()
+                losses[it % cfg.log_interval], grad_norms[it % cfg.log_interval] = train_step(
+                    model, optimizer, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], cfg)
                 it += 1
                 if it % cfg.log_interval == 0 or b == iters_per_epoch - 1:
                     check_finite()

@@ -279,13 +279,19 @@ def retrieval_ranks(scores):
     k = m // n
     if m != k * n:
         raise ValueError(f"{m} captions is not a multiple of {n} images")
-    if not torch.isfinite(scores).all():
-        raise UserError("the model produced non-finite scores (NaN or inf); the checkpoint or the features are broken")
     own = scores.view(n, n, k)[torch.arange(n), torch.arange(n)]          # (n, k): each image's own captions
     best = own.max(1).values
-    i2t = (scores >= best[:, None]).sum(1) - (own >= best[:, None]).sum(1)
     positive = own.reshape(-1)                                             # score of caption j with its image
-    t2i = (scores >= positive[None, :]).sum(0) - 1
+    # In blocks of rows: the comparisons of the whole matrix at once would double its memory.
+    i2t = torch.empty(n, dtype=torch.long, device=scores.device)
+    t2i = torch.full((m,), -1, dtype=torch.long, device=scores.device)
+    rows = max(1, 2 ** 24 // max(1, m))
+    for r in range(0, n, rows):
+        block = scores[r:r + rows]
+        if not torch.isfinite(block).all():
+            raise UserError("the model produced non-finite scores (NaN or inf); the checkpoint or the features are broken")
+        i2t[r:r + rows] = (block >= best[r:r + rows, None]).sum(1) - (own[r:r + rows] >= best[r:r + rows, None]).sum(1)
+        t2i += (block >= positive[None, :]).sum(0)
     return i2t, t2i
 
 

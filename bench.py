@@ -1,0 +1,411 @@
+"""How fast each stage runs, against what the hardware allows, measured in one run.
+
+    python bench.py                                  # all stages at COCO's sizes
+    python bench.py --scale=tiny --stages=train,eval # seconds; what CI runs
+
+On synthetic data of the chosen scale, on the current device. For each stage: `ours` (what this
+repository's code does), `ceiling` (the part the stage cannot beat, measured in the same run),
+`ratio` (how close ours comes to it: 1.0 = at the ceiling), `naive` (the straightforward way).
+- train: captions/s of training steps through train.py's own train_step, against the GRU's
+  forward+backward alone on the same batches (interleaved, so both see the same machine load);
+  naive: captions one at a time through the GRU as the seed code did, batches collated in Python
+  by a DataLoader, the full broadcast for order scores, Adam's per-parameter loop.
+- eval: seconds to score and rank every (image, caption) pair of a test set (COCO 5K: 5,000 x
+  25,000, embed 1,024) for the order measure (`ours`) and cosine (`ours_cosine`), against the
+  arithmetic floor: 3 vector operations per element of the (images x captions x dims) difference
+  (subtract, clamp, multiply-add) at the device's fused multiply-add rate, measured by a matmul;
+  naive: the broadcast in chunks of 2^26 elements.
+- extract: images/s from JPEG files to saved features through prep.py's extraction
+  (utils.extract_features), 1 and 10 crops, against VGG16's forward rate alone (random weights;
+  the rate does not depend on them) and PIL's decode rate alone times the decoding processes;
+  naive: one image at a time through PIL and fp32.
+Prints one table and writes every figure to --out (JSON).
+"""
+import os
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import prep
+import train
+from model import JointEmbedding, contrastive_loss, score_matrix
+from utils import (UserError, build_backbone, extract_features, parse_config, pick_device, retrieval_ranks,
+                   run_main, write_json)
+
+# ----------------------------------------------------------------------------- config
+scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
+stages = 'train,eval,extract'      # which stages to run, comma-separated
+out = 'bench.json'                 # every figure, as JSON
+device = 'auto'
+compile = True                     # as in train.py and eval.py: the torch.compile'd order kernels
+train_iters = 0                    # training steps timed (and as many GRU-alone steps); 0 = the scale's default
+extract_images = 0                 # JPEG files drawn for the extract stage; 0 = the scale's default
+seed = 0
+CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# -----------------------------------------------------------------------------
+
+# Sizes as in the real datasets (captions and images of the train split; vocabulary of VSE++'s
+# vocab files at threshold 4; caption lengths 8-15 tokens, around COCO's mean of 10.5 plus the
+# end). The eval sizes are those of the test split; extraction is timed on a few files.
+SCALES = {
+    'tiny': dict(train_images=128, vocab=100, feature_dim=64, word_dim=16, embed_dim=32, batch_size=32, iters=10,
+                 test_images=100, extract_images=2, image_size=(320, 240)),
+    'flickr8k': dict(train_images=6000, vocab=2500, test_images=1000),
+    'flickr30k': dict(train_images=29000, vocab=7000, test_images=1000),
+    'coco': dict(train_images=113287, vocab=10000, test_images=5000),
+}
+DEFAULTS = dict(feature_dim=4096, word_dim=300, embed_dim=1024, batch_size=128, iters=30,
+                extract_images=0, image_size=(640, 480))
+LENGTHS = (8, 15)
+STAGES = ('train', 'eval', 'extract')
+
+
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize()
+    elif dev.type == 'mps':
+        torch.mps.synchronize()
+
+
+def timed(fn, dev):
+    """Seconds that fn() takes, the device's queue drained before and after."""
+    sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- train
+
+def synthetic_training_set(s, dev, gen):
+    n_caps = 5 * s['train_images']
+    feats = torch.nn.functional.normalize(torch.randn(s['train_images'], s['feature_dim'], generator=gen), dim=1)
+    lengths = torch.randint(LENGTHS[0], LENGTHS[1] + 1, (n_caps,), generator=gen)
+    tokens = torch.randint(2, s['vocab'], (n_caps, LENGTHS[1]), generator=gen)
+    tokens[torch.arange(LENGTHS[1])[None, :] >= lengths[:, None]] = 0
+    return feats.to(dev), tokens.to(dev), lengths
+
+
+def bench_train(s, dev, gen):
+    feats, tokens, lengths = synthetic_training_set(s, dev, gen)
+    cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
+    cfg.batch_size, cfg.compile = s['batch_size'], compile
+    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
+    optimizer = train.make_optimizer(model, cfg.learning_rate)
+    gru = torch.nn.GRU(s['word_dim'], s['embed_dim'], batch_first=True).to(dev)
+    order = torch.randperm(len(tokens), generator=gen)
+    batches = [order[b:b + cfg.batch_size] for b in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
+    iters = min(train_iters or s['iters'], len(batches) - 3)
+
+    def gru_inputs(idx):
+        lens = lengths[idx]
+        words = model.word_embed(tokens[idx.to(dev), :int(lens.max())]).detach().requires_grad_()
+        return words, lens
+
+    def gru_alone(words, lens):
+        # what the caption encoder's GRU does in a step, alone: forward, backward into its
+        # weights and into the word vectors
+        gru.zero_grad(set_to_none=True)
+        _, last = gru(pack_padded_sequence(words, lens, batch_first=True, enforce_sorted=False))
+        last.sum().backward()
+
+    for idx in batches[:3]:   # warm-up: compilation, allocator, first-touch
+        train.train_step(model, optimizer, feats, tokens, lengths, idx, cfg)
+        gru_alone(*gru_inputs(idx))
+    # Alternate blocks of steps, so that the two rates see the same load on a shared machine.
+    t_ours = t_gru = 0.0
+    block = 5
+    for b in range(3, 3 + iters, block):
+        chunk = batches[b:min(b + block, 3 + iters)]
+        t_ours += timed(lambda: [train.train_step(model, optimizer, feats, tokens, lengths, idx, cfg) for idx in chunk], dev)
+        inputs = [gru_inputs(idx) for idx in chunk]
+        t_gru += timed(lambda: [gru_alone(*x) for x in inputs], dev)
+    n = iters * cfg.batch_size
+    result = {'ours': n / t_ours, 'ceiling': n / t_gru, 'unit': 'captions/s', 'iterations': iters,
+              'batch_size': cfg.batch_size, 'captions': len(tokens)}
+    result['ratio'] = result['ours'] / result['ceiling']
+
+    # The straightforward way, on a couple of batches: it is slow.
+    naive_iters = 2
+    naive_batches = batches[3 + iters:3 + iters + naive_iters] or batches[:naive_iters]
+    result['naive'] = naive_iters * cfg.batch_size / naive_train(s, cfg, feats, tokens, lengths, naive_batches, dev)
+    result['naive_note'] = ('one caption at a time through the GRU, batches collated in Python by a DataLoader, '
+                            'the full broadcast for order scores, Adam without foreach/fused')
+    return result
+
+
+def broadcast_order_scores(images, captions):
+    return -(captions[None] - images[:, None]).clamp(min=0).pow(2).sum(-1)
+
+
+def naive_train(s, cfg, feats, tokens, lengths, batches, dev):
+    """Seconds for len(batches) steps the way the seed code and the reference code did them."""
+    feats_np, tokens_np, lengths_np = feats.cpu().numpy(), tokens.cpu().numpy(), lengths.numpy()
+
+    class Captions(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(tokens_np)
+
+        def __getitem__(self, i):
+            return feats_np[i // 5], list(tokens_np[i, :lengths_np[i]])
+
+    def collate(items):
+        images = torch.tensor(np.stack([im for im, _ in items]))
+        caps = [torch.tensor(c) for _, c in items]
+        return images, caps
+
+    sampler = [int(i) for idx in batches for i in idx]
+    loader = torch.utils.data.DataLoader(Captions(), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, foreach=False)
+
+    def run():
+        for images, caps in loader:
+            naive_step(model, optimizer, images.to(dev), [c.to(dev) for c in caps], cfg).item()  # logged every step
+    return timed(run, dev)
+
+
+def naive_step(model, optimizer, features, captions, cfg):
+    """One training step the plain way: each caption (a 1-d tensor of token ids) through the GRU
+    on its own, the broadcast for order scores. The tests hold train.train_step to it."""
+    images = model.encode_images(features)
+    hidden = [model.gru(model.word_embed(c)[None])[1][0] for c in captions]
+    captions = model._finish(torch.cat(hidden))
+    loss = contrastive_loss(broadcast_order_scores(images, captions), cfg.margin, cfg.max_violation)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
+    optimizer.step()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- eval
+
+def memory_mark(dev):
+    """Resident or allocated bytes now; the peak since this call is read by memory_peak."""
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    if dev.type == 'cpu' and os.path.exists('/proc/self/clear_refs'):
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')          # Linux: reset the peak resident size (VmHWM) to the current one
+        return proc_status_bytes('VmRSS')
+    return None
+
+
+def memory_peak(dev):
+    if dev.type == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    if dev.type == 'cpu' and os.path.exists('/proc/self/clear_refs'):
+        return proc_status_bytes('VmHWM')
+    return None
+
+
+def proc_status_bytes(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'/proc/self/status has no {field}')
+
+
+def matmul_flops(dev):
+    """The device's fp32 multiply-add rate as a large matmul achieves it (flops/s, 2 per FMA)."""
+    n = 4096 if dev.type == 'cuda' else 1024
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False       # plain fp32, as the order kernel computes
+    try:
+        a @ b
+        reps = 20 if dev.type == 'cuda' else 5
+        seconds = min(timed(lambda: a @ b, dev) for _ in range(reps))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n ** 3 / seconds
+
+
+def bench_eval(s, dev, gen):
+    n, dim = s['test_images'], s['embed_dim']
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1).abs().to(dev)
+    captions = torch.nn.functional.normalize(torch.randn(5 * n, dim, generator=gen), dim=1).abs().to(dev)
+    # give each image's own captions a higher score, so that the ranks are not all ties
+    captions = torch.nn.functional.normalize(captions + images.repeat_interleave(5, 0), dim=1)
+    elements = n * 5 * n * dim
+
+    def rank(measure):
+        i2t, t2i = retrieval_ranks(score_matrix(images, captions, measure, compile))
+        return i2t, t2i
+
+    score_matrix(images[:1024], captions[:512], 'order', compile)  # compile the block's kernel
+    base = memory_mark(dev)
+    t_order = timed(lambda: rank('order'), dev)
+    peak = memory_peak(dev)
+    t_cosine = timed(lambda: rank('cosine'), dev)
+    flops = matmul_flops(dev)
+    result = {'ours': t_order, 'ours_cosine': t_cosine, 'unit': 's', 'images': n, 'captions': 5 * n, 'dim': dim,
+              'ceiling': 3 * elements / (flops / 2), 'ceiling_cosine': elements / (flops / 2),
+              'matmul_flops': flops, 'score_matrix_bytes': 4 * n * 5 * n,
+              'extra_memory_bytes': None if base is None else peak - base}
+    result['ratio'] = result['ceiling'] / t_order
+
+    # The chunked broadcast, on a slice of the images when the whole would take long; scaled.
+    rows = max(1, 2 ** 26 // captions.numel())
+    take = n if n <= 1000 or dev.type == 'cuda' else min(n, max(rows, n // 50))
+
+    def naive():
+        with torch.no_grad():
+            for r in range(0, take, rows):
+                broadcast_order_scores(images[r:min(r + rows, take)], captions)
+    result['naive'] = timed(naive, dev) * n / take
+    result['naive_note'] = (f'order scores by broadcast in chunks of {rows} images'
+                            + ('' if take == n else f'; timed on {take} of the {n} images and scaled'))
+    return result
+
+
+# ----------------------------------------------------------------------------- extract
+
+def draw_jpegs(folder, count, size, gen):
+    """JPEG files of smooth random colour fields (they compress like photographs, not like noise)."""
+    from PIL import Image
+    paths = []
+    w, h = size
+    for i in range(count):
+        small = torch.rand(h // 16 + 1, w // 16 + 1, 3, generator=gen).permute(2, 0, 1)[None]
+        big = torch.nn.functional.interpolate(small, size=(h, w), mode='bicubic', align_corners=False)
+        big = big + 0.05 * torch.randn(big.shape, generator=gen)
+        pixels = (big[0].permute(1, 2, 0).clamp(0, 1) * 255).to(torch.uint8).numpy()
+        path = os.path.join(folder, f'{i:05d}.jpg')
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def pil_to_tensor(image, crop):
+    from torchvision.transforms import functional as TF
+    image = TF.center_crop(TF.resize(image, crop * 256 // 224), crop)
+    return TF.normalize(TF.to_tensor(image), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def bench_extract(s, dev, gen):
+    """prep.py's extraction (utils.extract_features with prep.py's batch size and workers) on
+    JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not depend on
+    them), the features saved as .npy as prep.py does."""
+    import contextlib
+    import io
+    from PIL import Image
+    count = extract_images or s['extract_images'] or (512 if dev.type == 'cuda' else 16)
+    batch = prep.batch_size or (256 if dev.type == 'cuda' else 16)
+    with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
+        net, _ = build_backbone('vgg16', 'random', dev)
+    result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
+              'workers': prep.workers}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = draw_jpegs(folder, count, s['image_size'], gen)
+        for crops, suffix in ((1, ''), (10, '_10crop')):
+            def ours():
+                feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
+                                         progress=False)
+                np.save(os.path.join(folder, 'features.npy'), feats)
+            extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False)  # warm-up
+            result['ours' + suffix] = count / timed(ours, dev)
+
+        def decode():
+            for p in paths:
+                with Image.open(p) as im:
+                    im.convert('RGB').load()
+        result['decode'] = count / timed(decode, dev)
+
+        x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
+        if dev.type == 'cuda':       # as extract_features runs it
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+            net(x)
+            passes = max(1, count // len(x))
+            result['vgg16_forward'] = passes * len(x) / timed(lambda: [net(x) for _ in range(passes)], dev)
+
+        naive_count = min(count, 4)
+        naive_net = fc7_network(dev)
+
+        def naive():
+            with torch.no_grad():
+                for p in paths[:naive_count]:
+                    with Image.open(p) as im:
+                        naive_net(pil_to_tensor(im.convert('RGB'), 224)[None].to(dev)).cpu()
+        result['naive'] = naive_count / timed(naive, dev)
+    # The decode ceiling is one process's; prep.py decodes in `workers` processes alongside.
+    decoders = max(1, min(prep.workers, os.cpu_count() or 1))
+    result['ceiling'] = min(result['vgg16_forward'], result['decode'] * decoders)
+    result['ceiling_10crop'] = min(result['vgg16_forward'] / 10, result['decode'] * decoders)
+    result['ratio'] = result['ours'] / result['ceiling']
+    result['ratio_10crop'] = result['ours_10crop'] / result['ceiling_10crop']
+    result['note'] = ('ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction runs it) and '
+                      f'one process\'s PIL decode rate times {decoders} (prep.py\'s {prep.workers} workers, at most one per core)')
+    return result
+
+
+def fc7_network(dev):
+    """VGG16 up to fc7 in fp32, for the naive way."""
+    from torchvision.models import vgg16
+    net = vgg16(weights=None)
+    net.classifier = net.classifier[:5]
+    return net.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
+    if scale not in SCALES:
+        raise UserError(f"--scale={scale}: expected one of {', '.join(SCALES)}")
+    chosen = [x for x in stages.split(',') if x]
+    bad = [x for x in chosen if x not in STAGES]
+    if bad or not chosen:
+        raise UserError(f"--stages={stages}: expected a comma-separated subset of {','.join(STAGES)}")
+    s = {**DEFAULTS, **SCALES[scale]}
+    dev = pick_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    report = {'scale': scale, 'device': str(dev), 'device_name': device_name(dev), 'torch': torch.__version__,
+              'threads': torch.get_num_threads(), 'compile': compile,
+              'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+    for stage in chosen:
+        print(f"{stage} ...", flush=True)
+        report[stage] = {'train': bench_train, 'eval': bench_eval, 'extract': bench_extract}[stage](s, dev, gen)
+    print_table(report, chosen)
+    write_json(out, report)
+    print(f"wrote {out}")
+
+
+def device_name(dev):
+    if dev.type == 'cuda':
+        return torch.cuda.get_device_name(dev)
+    name = 'cpu'
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+    return f"{name}, {os.cpu_count()} cores" if dev.type == 'cpu' else str(dev)
+
+
+def print_table(report, chosen):
+    def fmt(x):
+        return '-' if x is None else f'{x:.3g}' if x < 100 else f'{x:,.0f}'
+    print(f"\n{report['device_name']} ({report['device']}), scale {report['scale']}, torch {report['torch']}")
+    print(f"{'stage':16s}{'ours':>12s}{'ceiling':>12s}{'ratio':>8s}{'naive':>12s}  unit")
+    rows = {'train': [('train', '')], 'eval': [('eval order', ''), ('eval cosine', '_cosine')],
+            'extract': [('extract 1-crop', ''), ('extract 10-crop', '_10crop')]}
+    for stage in chosen:
+        r = report[stage]
+        for name, suffix in rows[stage]:
+            ours, ceiling = r['ours' + suffix], r['ceiling' + suffix]
+            ratio = r.get('ratio' + suffix, None if ours is None else (ceiling / ours if r['unit'] == 's' else ours / ceiling))
+            naive = r['naive'] if suffix == '' else None
+            print(f"{name:16s}{fmt(ours):>12s}{fmt(ceiling):>12s}{fmt(ratio):>8s}{fmt(naive):>12s}  {r['unit']}")
+    print("ratio: ours against the ceiling, 1.0 = at the ceiling")
+
+
+if __name__ == '__main__':
+    run_main(main)
