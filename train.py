@@ -414,10 +414,10 @@ def trim_log(path, iteration):
 
 
 def remove_stale_temporaries(out_dir):
-    """The temporary files of atomic writes that a kill interrupted (checkpoints can be large)."""
-    for name in ('last.pt', 'best.pt', 'log.jsonl'):
-        for path in glob.glob(os.path.join(glob.escape(out_dir), f'.{glob.escape(name)}.*.tmp')):
-            os.remove(path)
+    """The temporary files (.<name>.<random>.tmp) of atomic writes that a kill interrupted:
+    checkpoints can be large, and any file of the run folder may have been mid-write."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), '.*.tmp')):
+        os.remove(path)
 
 
 def resume_from(path, cfg, vocab, feature_dim, model, optimizer, dev, losses, grad_norms):
