@@ -4,7 +4,6 @@ import ast
 import errno
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -230,7 +229,7 @@ def load_checkpoint(path, device):
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         code = re.search(r'GLOBAL ([\w.]+)', str(e))
-        if isinstance(e, pickle.UnpicklingError) and code:
+        if type(e).__name__ == 'UnpicklingError' and code:  # weights_only refused a pickled object
             raise UserError(f"{path}: refused: loading it would call {code[1]} (a pickled Python object, not "
                             "weights); load only checkpoints written by train.py") from None
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
