@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
-                   extract_features, parse_config, pick_device, read_json, run_main, split_paths,
+                   extract_features, parse_config, pick_device, read_json, resolve_decode, run_main, split_paths,
                    tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
@@ -38,6 +38,7 @@ crops = 1                 # 1: resize 256, center crop 224; 10: mean over the 10
 weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PATH to a state_dict | random (tests only)
 batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwise
 workers = min(4, os.cpu_count() or 1)  # image-decoding processes alongside the network (no more than the cores)
+decode = 'auto'           # pil: PIL in the workers | torch: decode_jpeg on the device (nvjpeg on CUDA) | auto: torch on CUDA
 device = 'auto'
 skip_bad = False          # drop images that cannot be read (and their captions) instead of stopping
 vocab_threshold = 4       # words seen fewer times in the train captions become <unk> (VSE++ uses 4)
@@ -421,9 +422,11 @@ def image_features(images, out_dir, rank=0, world=1):
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     batch = batch_size or (256 if dev.type == 'cuda' else 16)
+    decoder = resolve_decode(decode, dev)
     feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
-    # A run continues an earlier one only if everything that decides the numbers is the same.
-    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'batch_size': batch, 'images': len(paths),
+    # A run continues an earlier one only if everything that decides the numbers is the same
+    # (the two decoders agree only to rounding: one file's rows never mix them).
+    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'decode': decoder, 'batch_size': batch, 'images': len(paths),
            'files': hashlib.sha256('\n'.join(im['file'] for im in images).encode()).hexdigest()}
     job_path = feats_path + '.job.json'
     # Shards are whole batches, so every image meets the same batch as in a single process and
@@ -454,7 +457,7 @@ def image_features(images, out_dir, rank=0, world=1):
     record(start)
     if backbone is not None:
         extract_features(backbone, paths[:hi], cnn, crops, dev, batch_size=batch, workers=workers, out=out,
-                         start=start, bad=bad, on_batch=record, progress=rank == 0)
+                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decoder)
     wait_for_all_ranks()
     if rank != 0:
         return None, None, None
@@ -464,7 +467,7 @@ def image_features(images, out_dir, rank=0, world=1):
         listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
         raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
                         "--skip_bad=True to drop them and their captions (the other features are kept)")
-    return np.asarray(out), bad, {'features_file': feats_path, 'images_dir': folder}
+    return np.asarray(out), bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder}
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -414,82 +415,255 @@ def _to_normalized_tensors(image, mean, std):
     return F.normalize(F.to_tensor(image), mean, std)
 
 
+def _preprocessing(cnn):
+    """(interpolation of the resize to 256, mean, std): ImageNet's for the torchvision networks;
+    EfficientNet-Lite0's weights expect bicubic and mean = std = 0.5."""
+    from torchvision.transforms import InterpolationMode
+    if cnn == 'efficientnet_lite0':
+        return InterpolationMode.BICUBIC, (0.5,) * 3, (0.5,) * 3
+    return InterpolationMode.BILINEAR, IMAGENET_MEAN, IMAGENET_STD
+
+
 def image_transform(cnn, crops):
     """PIL image -> tensor: shorter side resized to 256, then the 224 center crop (crops=1)
-    or the 10 crops of the paper (corners and center, and their mirror images; crops=10).
-    ImageNet normalization; EfficientNet-Lite0's weights expect bicubic and mean = std = 0.5."""
+    or the 10 crops of the paper (corners and center, and their mirror images; crops=10),
+    normalized as _preprocessing says."""
     import functools
     import torchvision.transforms as T
     check_cnn(cnn, crops)
-    lite = cnn == 'efficientnet_lite0'
-    mean, std = ((0.5,) * 3, (0.5,) * 3) if lite else (IMAGENET_MEAN, IMAGENET_STD)
-    resize = T.Resize(256, interpolation=T.InterpolationMode.BICUBIC if lite else T.InterpolationMode.BILINEAR)
+    interpolation, mean, std = _preprocessing(cnn)
     crop = T.CenterCrop(224) if crops == 1 else T.TenCrop(224)
-    return T.Compose([resize, crop, functools.partial(_to_normalized_tensors, mean=mean, std=std)])
+    return T.Compose([T.Resize(256, interpolation=interpolation), crop,
+                      functools.partial(_to_normalized_tensors, mean=mean, std=std)])
+
+
+# Two ways to decode. 'pil': PIL decodes and transforms in the DataLoader workers (the reference).
+# 'torch': the workers only read the files; the main process decodes a batch's JPEGs at once with
+# torchvision.io.decode_jpeg on the extraction device (nvjpeg on CUDA, where PIL in a few
+# processes cannot keep up with the network) and resizes and crops them there. The two agree to
+# rounding (tests/test_decode.py), not bit for bit, so a dataset records which one it used.
+DECODERS = ('auto', 'pil', 'torch')
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they are still the
+# ones with nvjpeg behind a batched call, so the notice is not repeated at every batch.
+warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
+                        category=DeprecationWarning)
+
+
+def resolve_decode(decode, device):
+    """'auto' -> 'torch' on CUDA, 'pil' elsewhere (on a CPU the workers decode in parallel
+    with the network, which the main process cannot)."""
+    if decode not in DECODERS:
+        raise UserError(f"--decode={decode}: expected one of {', '.join(DECODERS)}")
+    if decode == 'auto':
+        return 'torch' if device.type == 'cuda' else 'pil'
+    return decode
+
+
+def plain_jpeg(data):
+    """True for a complete 8-bit Huffman-coded JPEG (baseline or progressive) of 1 or 3
+    components: what decode_jpeg takes on every device. The end-of-image marker must be there:
+    libjpeg and PIL refuse a truncated file, but a GPU decoder may hand back a gray-filled
+    image. Anything else (PNG, CMYK, truncated, not an image) is left to PIL, which decodes it
+    or fails exactly as with decode='pil'. Walks the markers: segments are skipped by their
+    length, so an EXIF thumbnail's markers are never mistaken for the image's."""
+    n = len(data)
+    if data[:2] != b'\xff\xd8':
+        return False
+    pos, frame = 2, False
+    while True:
+        pos = data.find(b'\xff', pos)   # in the scan data 0xff is only ever followed by 0, a restart or a marker
+        if pos < 0 or pos + 1 >= n:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xd9:             # end of image
+            return frame
+        if marker in (0x00, 0xff) or 0xd0 <= marker <= 0xd7:   # a stuffed byte, fill, a restart marker
+            pos += 1 if marker == 0xff else 2
+            continue
+        if pos + 4 > n:
+            return False
+        if 0xc0 <= marker <= 0xcf and marker not in (0xc4, 0xc8, 0xcc):   # start of frame
+            if marker not in (0xc0, 0xc1, 0xc2) or pos + 10 > n or data[pos + 4] != 8 or data[pos + 9] not in (1, 3):
+                return False           # arithmetic, lossless, 12-bit, CMYK: for PIL
+            frame = True
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+
+
+def read_with_pil(file, transform):
+    from PIL import Image
+    with Image.open(file) as im:
+        return transform(im.convert('RGB'))
+
+
+def read_for_torch(path):
+    """decode='torch', in a worker: a plain JPEG's bytes (a 1-d uint8 tensor) for the batched
+    decoder; any other image decoded here by PIL into (3, H, W) uint8."""
+    import io
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    with open(path, 'rb') as f:
+        data = f.read()
+    if plain_jpeg(data):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return read_with_pil(io.BytesIO(data), pil_to_tensor)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers. A file that cannot be read becomes a zero image
-    and the reason, so that one bad file does not stop the others; the caller decides."""
+    """Reads images in DataLoader workers with read(path). A file that cannot be read becomes
+    `empty` and the reason, so that one bad file does not stop the others; the caller decides."""
 
-    def __init__(self, paths, transform, shape):
-        self.paths, self.transform, self.shape = paths, transform, shape
+    def __init__(self, paths, read, empty):
+        self.paths, self.read, self.empty = paths, read, empty
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
         try:
-            with Image.open(self.paths[i]) as im:
-                return self.transform(im.convert('RGB')), ''
+            return self.read(self.paths[i]), ''
         except FileNotFoundError:
-            return torch.zeros(self.shape), 'missing'
+            return self.empty, 'missing'
         except Exception as e:  # PIL raises several types for truncated and non-image files
-            return torch.zeros(self.shape), f"{type(e).__name__}: {str(e)[:100]}"
+            return self.empty, _reason(e)
+
+
+def _reason(e):
+    return f"{type(e).__name__}: {str(e)[:100]}"
+
+
+def decode_jpegs(jpegs, device):
+    """Plain JPEGs' bytes -> list of (3, H, W) uint8 on `device` (None for a file that cannot
+    be decoded) and the reasons. One batched call; if it fails, one file at a time, so that the
+    bad one is named, and a file the device's decoder refuses is tried with PIL, the reference:
+    a file is bad only if PIL cannot read it either."""
+    import io
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    if not jpegs:
+        return [], []
+    try:
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)), [''] * len(jpegs)
+    except RuntimeError:
+        pass
+    images, reasons = [], []
+    for data in jpegs:
+        try:
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            reasons.append('')
+        except RuntimeError:
+            try:
+                images.append(read_with_pil(io.BytesIO(data.numpy().tobytes()), pil_to_tensor).to(device))
+                reasons.append('')
+            except Exception as e:
+                images.append(None)
+                reasons.append(_reason(e))
+    return images, reasons
+
+
+def tensor_crops(items, reasons, cnn, crops, device):
+    """decode='torch': what read_for_torch gave for a batch -> (B * crops, 3, 224, 224)
+    normalized floats on `device`, as image_transform makes them from PIL images. JPEGs are
+    decoded together on the device when it is CUDA (else on the CPU, then moved in one copy).
+    An image no decoder can read gets its reason in `reasons` (a list, changed in place) and
+    zero crops. Images of one size are resized together: a dataset has few sizes."""
+    from torchvision.transforms.v2 import functional as F
+    interpolation, mean, std = _preprocessing(cnn)
+    work = device if device.type == 'cuda' else torch.device('cpu')
+    images = [None if reason else item for item, reason in zip(items, reasons)]
+    jpeg_rows = [k for k, im in enumerate(images) if im is not None and im.ndim == 1]
+    pixel_rows = [k for k, im in enumerate(images) if im is not None and im.ndim == 3]
+    decoded, failed = decode_jpegs([images[k] for k in jpeg_rows], work)
+    for k, im, reason in zip(jpeg_rows, decoded, failed):
+        images[k], reasons[k] = im, reason
+    if pixel_rows and work.type != 'cpu':   # PIL's pixels to the device in one copy, not one per image
+        flat = torch.cat([images[k].reshape(-1) for k in pixel_rows]).to(work, non_blocking=True)
+        for k, part in zip(pixel_rows, flat.split([images[k].numel() for k in pixel_rows])):
+            images[k] = part.view(images[k].shape)
+    out = torch.zeros(len(images), crops, 3, 224, 224, device=work)
+    sizes = {}
+    for k, im in enumerate(images):
+        if im is not None:
+            sizes.setdefault(tuple(im.shape), []).append(k)
+    for rows in sizes.values():
+        x = F.resize(torch.stack([images[k] for k in rows]), [256], interpolation=interpolation, antialias=True)
+        x = F.center_crop(x, [224])[:, None] if crops == 1 else torch.stack(F.ten_crop(x, [224]), 1)
+        out[rows] = x.float()
+    x = F.normalize(out.view(-1, 3, 224, 224).div_(255), mean, std)
+    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
 def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers=4, out=None, start=0,
-                     progress=True, bad=None, on_batch=None):
+                     progress=True, bad=None, on_batch=None, decode='pil'):
     """Features of the images at `paths`, (N, D) float32, raw (not L2-normalized).
     Rows before `start` are taken as done (already in `out`, an (N, D) array such as an
     np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
     each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
     a list: then (index, path, reason) is appended to it and its row stays zero.
-    10 crops: the mean of the crops' features. On CUDA: bfloat16 autocast, channels_last."""
+    10 crops: the mean of the crops' features. On CUDA: bfloat16 autocast, channels_last.
+    decode: 'pil', 'torch' or 'auto' (see DECODERS)."""
     from tqdm import tqdm
     n = len(paths)
-    shape = (3, 224, 224) if crops == 1 else (crops, 3, 224, 224)
-    data = ImageFiles(paths[start:], image_transform(cnn, crops), shape)
+    decode = resolve_decode(decode, device)
+    check_cnn(cnn, crops)
+    if decode == 'pil':
+        import functools
+        shape = (3, 224, 224) if crops == 1 else (crops, 3, 224, 224)
+        data = ImageFiles(paths[start:], functools.partial(read_with_pil, transform=image_transform(cnn, crops)),
+                          torch.zeros(shape))
+    else:
+        data = ImageFiles(paths[start:], read_for_torch, None)
+    # decode='torch' batches are lists of file bytes of different lengths: nothing to pin or stack
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == 'cuda', persistent_workers=False)
+                                         pin_memory=decode == 'pil' and device.type == 'cuda',
+                                         collate_fn=None if decode == 'pil' else list, persistent_workers=False)
     bar = tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=not progress)
-    row = start
-    for images, reasons in loader:
+    row, pending = start, None
+
+    def finish(row, f, reasons, ready):
+        nonlocal out
+        if ready is not None:
+            ready.synchronize()
+        f = f.numpy()
         for k, reason in enumerate(reasons):
             if reason:
-                if bad is None:
-                    raise UserError(f"{paths[row + k]}: cannot read the image ({reason})")
-                bad.append((row + k, str(paths[row + k]), reason))
-        b = len(images)
-        x = images.reshape(-1, 3, 224, 224).to(device, non_blocking=True)
+                f[k] = 0
+        if out is None:
+            out = np.zeros((n, f.shape[1]), dtype=np.float32)
+        out[row:row + len(f)] = f
+        bar.update(len(f))
+        if on_batch is not None:
+            on_batch(row + len(f))
+
+    for batch in loader:
+        if decode == 'pil':
+            images, reasons = batch
+            x = images.reshape(-1, 3, 224, 224).to(device, non_blocking=True)
+        else:
+            items, reasons = (list(column) for column in zip(*batch))
+            x = tensor_crops(items, reasons, cnn, crops, device)
+        b = len(reasons)
         if device.type == 'cuda':
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast('cuda', dtype=torch.bfloat16):
                 f = backbone(x)
         else:
             f = backbone(x)
-        f = f.float().reshape(b, crops, -1).mean(1).cpu().numpy()
+        # The features come back one batch late: on CUDA the next batch is read and decoded
+        # while the network still runs this one, and `ready` says when its copy has landed.
+        f = f.float().reshape(b, crops, -1).mean(1).to('cpu', non_blocking=True)
+        ready = torch.cuda.Event() if device.type == 'cuda' else None
+        if ready is not None:
+            ready.record()
+        if pending is not None:
+            finish(*pending)
+        pending = (row, f, reasons, ready)
         for k, reason in enumerate(reasons):
             if reason:
-                f[k] = 0
-        if out is None:
-            out = np.zeros((n, f.shape[1]), dtype=np.float32)
-        out[row:row + b] = f
+                if bad is None:
+                    raise UserError(f"{paths[row + k]}: cannot read the image ({reason})")
+                bad.append((row + k, str(paths[row + k]), reason))
         row += b
-        bar.update(b)
-        if on_batch is not None:
-            on_batch(row)
+    if pending is not None:
+        finish(*pending)
     bar.close()
     return np.zeros((n, CNN_DIMS[cnn]), dtype=np.float32) if out is None else out

@@ -1,5 +1,6 @@
 """Image features: the backbones' outputs, batched extraction against one image at a time,
 10 crops, resuming a killed extraction, bad images, COCO from disk, EfficientNet-Lite0."""
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, SHARED, assert_user_error, draw_image, run_script
 from utils import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, UserError, build_backbone, extract_features,
-                   image_transform)
+                   image_transform, read_with_pil)
 
 CPU = torch.device('cpu')
 
@@ -102,7 +103,7 @@ def test_unreadable_images_are_reported_not_raised_in_workers(tmp_path):
     (tmp_path / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
     (tmp_path / 'text.jpg').write_text('not an image')
     files = ImageFiles([good, str(tmp_path / 'cut.jpg'), str(tmp_path / 'text.jpg'), str(tmp_path / 'gone.jpg')],
-                       image_transform('vgg16', 1), (3, 224, 224))
+                       functools.partial(read_with_pil, transform=image_transform('vgg16', 1)), torch.zeros(3, 224, 224))
     reasons = [files[i][1] for i in range(4)]
     assert reasons[0] == '' and 'truncated' in reasons[1] and 'UnidentifiedImageError' in reasons[2] and reasons[3] == 'missing'
     with pytest.raises(UserError, match='cut.jpg: cannot read the image'):
