@@ -16,8 +16,13 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   (subtract, clamp, multiply-add) at the device's fused multiply-add rate, measured by a matmul;
   naive: the broadcast in chunks of 2^26 elements.
 - extract: images/s from JPEG files to saved features through prep.py's extraction
-  (utils.extract_features), 1 and 10 crops, against VGG16's forward rate alone (random weights;
-  the rate does not depend on them) and PIL's decode rate alone times the decoding processes;
+  (utils.extract_features with prep.py's decoder: --decode, default prep.py's 'auto', which is
+  decode_jpeg on the device (nvjpeg) on CUDA and PIL in the workers elsewhere), 1 and 10 crops,
+  against the lower of VGG16's forward rate alone (random weights; the rate does not depend on
+  them) and the decode rate alone of the decoder used: PIL's (decode only, one process) times
+  the decoding processes, or decode_jpeg's on batches of file bytes plus resize and crops on the
+  device (timed with synchronization); both decode rates are reported, and for decode='torch'
+  the rate at which the workers hand the files' bytes over (read_torch).
   naive: one image at a time through PIL and fp32.
 Prints one table and writes every figure to --out (JSON).
 """
@@ -33,8 +38,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (UserError, build_backbone, extract_features, parse_config, pick_device, retrieval_ranks,
-                   run_main, write_json)
+from utils import (ImageFiles, UserError, build_backbone, extract_features, parse_config, pick_device, read_for_torch,
+                   resolve_decode, retrieval_ranks, run_main, tensor_crops, write_json)
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
@@ -44,6 +49,7 @@ device = 'auto'
 compile = True                     # as in train.py and eval.py: the torch.compile'd order kernels
 train_iters = 0                    # training steps timed (and as many GRU-alone steps); 0 = the scale's default
 extract_images = 0                 # JPEG files drawn for the extract stage; 0 = the scale's default
+decode = prep.decode               # extract stage's decoder, as prep.py's --decode: auto | pil | torch
 seed = 0
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
@@ -292,33 +298,48 @@ def pil_to_tensor(image, crop):
 
 
 def bench_extract(s, dev, gen):
-    """prep.py's extraction (utils.extract_features with prep.py's batch size and workers) on
-    JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not depend on
-    them), the features saved as .npy as prep.py does."""
+    """prep.py's extraction (utils.extract_features with prep.py's batch size, workers and
+    decoder) on JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not
+    depend on them), the features saved as .npy as prep.py does."""
     import contextlib
     import io
     from PIL import Image
     count = extract_images or s['extract_images'] or (512 if dev.type == 'cuda' else 16)
     batch = prep.batch_size or (256 if dev.type == 'cuda' else 16)
+    decoder = resolve_decode(decode, dev)
     with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
         net, _ = build_backbone('vgg16', 'random', dev)
     result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
-              'workers': prep.workers}
+              'workers': prep.workers, 'decoder': decoder}
     with tempfile.TemporaryDirectory() as folder:
         paths = draw_jpegs(folder, count, s['image_size'], gen)
         for crops, suffix in ((1, ''), (10, '_10crop')):
             def ours():
                 feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
-                                         progress=False)
+                                         progress=False, decode=decoder)
                 np.save(os.path.join(folder, 'features.npy'), feats)
-            extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False)  # warm-up
+            extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False,
+                             decode=decoder)  # warm-up
             result['ours' + suffix] = count / timed(ours, dev)
 
-        def decode():
+        def decode_pil():
             for p in paths:
                 with Image.open(p) as im:
                     im.convert('RGB').load()
-        result['decode'] = count / timed(decode, dev)
+        result['decode_pil'] = count / timed(decode_pil, dev)
+
+        # decode='torch': the workers' part alone (reading the files' bytes and handing them to
+        # the main process), then the main process's (bytes to normalized crops on the device)
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, read_for_torch, None), batch_size=batch,
+                                             num_workers=prep.workers, collate_fn=list)
+        result['read_torch'] = count / timed(lambda: [None for _ in loader], dev)
+        files = [read_for_torch(p) for p in paths]
+        for crops, suffix in ((1, ''), (10, '_10crop')):
+            def decode_torch():
+                for b in range(0, count, batch):
+                    tensor_crops(files[b:b + batch], [''] * len(files[b:b + batch]), 'vgg16', crops, dev)
+            decode_torch()   # warm-up: the decoder's start-up on the device
+            result['decode_torch' + suffix] = count / timed(decode_torch, dev)
 
         x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
         if dev.type == 'cuda':       # as extract_features runs it
@@ -337,14 +358,20 @@ def bench_extract(s, dev, gen):
                     with Image.open(p) as im:
                         naive_net(pil_to_tensor(im.convert('RGB'), 224)[None].to(dev)).cpu()
         result['naive'] = naive_count / timed(naive, dev)
-    # The decode ceiling is one process's; prep.py decodes in `workers` processes alongside.
-    decoders = max(1, min(prep.workers, os.cpu_count() or 1))
-    result['ceiling'] = min(result['vgg16_forward'], result['decode'] * decoders)
-    result['ceiling_10crop'] = min(result['vgg16_forward'] / 10, result['decode'] * decoders)
+    if decoder == 'pil':
+        # one process's rate; prep.py decodes in `workers` processes alongside the network
+        decoders = max(1, min(prep.workers, os.cpu_count() or 1))
+        decode_ceiling = decode_ceiling_10crop = result['decode_pil'] * decoders
+        how = f"one process's PIL decode rate times {decoders} (prep.py's {prep.workers} workers, at most one per core)"
+    else:
+        decode_ceiling, decode_ceiling_10crop = result['decode_torch'], result['decode_torch_10crop']
+        how = f"decode_jpeg on {dev.type} of batches of {batch} files' bytes plus resize and crops (decode_torch)"
+    result['ceiling'] = min(result['vgg16_forward'], decode_ceiling)
+    result['ceiling_10crop'] = min(result['vgg16_forward'] / 10, decode_ceiling_10crop)
     result['ratio'] = result['ours'] / result['ceiling']
     result['ratio_10crop'] = result['ours_10crop'] / result['ceiling_10crop']
-    result['note'] = ('ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction runs it) and '
-                      f'one process\'s PIL decode rate times {decoders} (prep.py\'s {prep.workers} workers, at most one per core)')
+    result['note'] = (f"decoder {decoder}; ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction "
+                      f"runs it) and {how}")
     return result
 
 
