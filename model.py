@@ -127,9 +127,13 @@ def run_compiled(fn, *args):
     try:
         return _compiled[fn](*args)
     except Exception as e:  # no C++ compiler, no room for inductor's cache, ...
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise UserError(f"torch.compile could not build the order-score kernel ({type(e).__name__}: {first}); "
-                        "pass --compile=False to use the plain PyTorch path") from e
+        raise compile_failed('torch.compile', e) from e
+
+
+def compile_failed(compiler, e):
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    return UserError(f"{compiler} could not build the order-score kernel ({type(e).__name__}: {first}); "
+                     "pass --compile=False to use the plain PyTorch path")
 
 
 class CompiledOrderViolation(torch.autograd.Function):
@@ -185,7 +189,10 @@ def triton_order_scores(images, captions):
     images_t, captions_t = images.float().t().contiguous(), captions.float().t().contiguous()
     tiles = {} if hasattr(order_scores_kernel, 'configs') else TRITON_TILES[0].kwargs
     grid = lambda tile: (triton.cdiv(n_images, tile['BLOCK_I']), triton.cdiv(n_captions, tile['BLOCK_C']))  # noqa: E731
-    order_scores_kernel[grid](images_t, captions_t, out, n_images, n_captions, images.shape[1], **tiles)
+    try:
+        order_scores_kernel[grid](images_t, captions_t, out, n_images, n_captions, images.shape[1], **tiles)
+    except (triton.CompilationError, triton.OutOfResources) as e:
+        raise compile_failed('Triton', e) from e
     return out
 
 

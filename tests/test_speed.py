@@ -42,6 +42,21 @@ def test_compiled_score_matrix_pads_blocks_and_matches_broadcast():
     torch.testing.assert_close(score_matrix(images, captions, 'cosine', compiled=True), images @ captions.t())
 
 
+def test_a_kernel_that_cannot_be_built_is_one_clear_error(monkeypatch):
+    import model
+
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler 'g++' found\nmore lines")
+        return fail
+    monkeypatch.setattr(torch, 'compile', no_compiler)
+    monkeypatch.setattr(model, '_compiled', {})
+    with pytest.raises(UserError) as e:
+        order_scores(torch.rand(3, 4), torch.rand(5, 4), compiled=True)
+    assert str(e.value) == ("torch.compile could not build the order-score kernel (RuntimeError: InductorError: "
+                            "CppCompileError: no C++ compiler 'g++' found); pass --compile=False to use the plain PyTorch path")
+
+
 def test_triton_order_kernel_equals_broadcast_in_the_interpreter():
     """The CUDA ranking kernel, run by Triton's CPU interpreter: partial tiles in both
     directions, a single pair, one dimension, inputs that are not contiguous."""
