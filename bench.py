@@ -47,6 +47,7 @@ stages = 'train,eval,extract'      # which stages to run, comma-separated
 out = 'bench.json'                 # every figure, as JSON
 device = 'auto'
 compile = True                     # as in train.py and eval.py: the torch.compile'd order kernels
+dtype = 'auto'                     # as in train.py: bfloat16 autocast for the encoders on CUDA, float32 elsewhere
 train_iters = 0                    # training steps timed (and as many GRU-alone steps); 0 = the scale's default
 extract_images = 0                 # JPEG files drawn for the extract stage; 0 = the scale's default
 decode = prep.decode               # extract stage's decoder, as prep.py's --decode: auto | pil | torch
@@ -100,7 +101,7 @@ def synthetic_training_set(s, dev, gen):
 def bench_train(s, dev, gen):
     feats, tokens, lengths = synthetic_training_set(s, dev, gen)
     cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
-    cfg.batch_size, cfg.compile = s['batch_size'], compile
+    cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], compile, train.autocast_dtype(dtype, dev)
     model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
     optimizer = train.make_optimizer(model, cfg.learning_rate)
     gru = torch.nn.GRU(s['word_dim'], s['embed_dim'], batch_first=True).to(dev)
@@ -117,7 +118,8 @@ def bench_train(s, dev, gen):
         # what the caption encoder's GRU does in a step, alone: forward, backward into its
         # weights and into the word vectors
         gru.zero_grad(set_to_none=True)
-        _, last = gru(pack_padded_sequence(words, lens, batch_first=True, enforce_sorted=False))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
+            _, last = gru(pack_padded_sequence(words, lens, batch_first=True, enforce_sorted=False))
         last.sum().backward()
 
     for idx in batches[:3]:   # warm-up: compilation, allocator, first-touch
@@ -133,7 +135,7 @@ def bench_train(s, dev, gen):
         t_gru += timed(lambda: [gru_alone(*x) for x in inputs], dev)
     n = iters * cfg.batch_size
     result = {'ours': n / t_ours, 'ceiling': n / t_gru, 'unit': 'captions/s', 'iterations': iters,
-              'batch_size': cfg.batch_size, 'captions': len(tokens)}
+              'batch_size': cfg.batch_size, 'captions': len(tokens), 'dtype': cfg.dtype}
     result['ratio'] = result['ours'] / result['ceiling']
 
     # The straightforward way, on a couple of batches: it is slow.
@@ -247,7 +249,12 @@ def bench_eval(s, dev, gen):
         i2t, t2i = retrieval_ranks(score_matrix(images, captions, measure, compile))
         return i2t, t2i
 
-    score_matrix(images[:1024], captions[:512], 'order', compile)  # compile the block's kernel
+    # compile the kernel: on a CPU the one shape of its blocks; on CUDA Triton times its tile
+    # shapes for this problem size at the first call
+    if dev.type == 'cuda':
+        score_matrix(images, captions, 'order', compile)
+    else:
+        score_matrix(images[:1024], captions[:512], 'order', compile)
     base = memory_mark(dev)
     t_order = timed(lambda: rank('order'), dev)
     peak = memory_peak(dev)

@@ -46,6 +46,7 @@ log_interval = 50         # iterations between loss lines in log.jsonl
 resume = False            # continue from out_dir/last.pt
 seed = 1234
 device = 'auto'           # auto = cuda, then mps, then cpu
+dtype = 'auto'            # auto: bfloat16 autocast for the encoders on CUDA, float32 elsewhere; or float32 | bfloat16
 compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
@@ -95,12 +96,26 @@ def gather(x):
         return torch.cat(torch.distributed.nn.functional.all_gather(x))
 
 
+def autocast_dtype(name, dev):
+    """train.py's --dtype as the name of the dtype the encoders run in: bfloat16 autocast by
+    default on CUDA, where it halves the GRU's time; float32 elsewhere."""
+    if name not in ('auto', 'float32', 'bfloat16'):
+        raise UserError(f"--dtype={name}: expected auto, float32 or bfloat16")
+    if name == 'auto':
+        return 'bfloat16' if dev.type == 'cuda' else 'float32'
+    return name
+
+
 def batch_loss(model, feats, tokens, lengths, idx, cfg):
-    """The contrastive loss of the captions `idx` (a CPU index) and their images."""
+    """The contrastive loss of the captions `idx` (a CPU index) and their images. Under
+    bfloat16 only the encoders' matrix products and the GRU run in bfloat16: the embeddings
+    come out normalized in float32, and the scores and the loss are float32, since the order
+    penalty is a sum of squares of small differences that bfloat16 would round away."""
     dev = feats.device
     lens = lengths[idx]
-    images = model.encode_images(feats[(idx // 5).to(dev)])
-    captions = model.encode_captions(tokens[idx.to(dev), :int(lens.max())], lens)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
+        images = model.encode_images(feats[(idx // 5).to(dev)])
+        captions = model.encode_captions(tokens[idx.to(dev), :int(lens.max())], lens)
     return contrastive_loss(model.scores(gather(images), gather(captions)), cfg.margin, cfg.max_violation)
 
 
@@ -157,6 +172,7 @@ def main(argv):
     if cfg.measure not in ('order', 'cosine'):
         raise UserError(f"--measure={cfg.measure}: expected 'order' or 'cosine'")
     rank, world, dev = setup_distributed(cfg.device)
+    cfg.dtype = autocast_dtype(cfg.dtype, dev)
     master = rank == 0  # rank 0 validates, logs and checkpoints
     torch.manual_seed(cfg.seed)
 
@@ -204,7 +220,7 @@ def main(argv):
     except OSError as e:
         raise UserError(f"{log_path}: cannot write it ({e.strerror}); check the folder's permissions") from None
     if master:
-        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''}: {n_caps} captions, {len(feats)} images, "
+        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {cfg.dtype}: {n_caps} captions, {len(feats)} images, "
               f"{iters_per_epoch} iterations of {global_batch} per epoch; validating on {n_val} val images; writing to {cfg.out_dir}")
 
     def check_finite():

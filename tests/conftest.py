@@ -29,6 +29,15 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def caption_batch(n_images, n_captions, length=9, vocab=30, feature_dim=24):
+    """Random image features and padded captions (ids 2..vocab-1, 1..length tokens each)."""
+    import torch
+    feats = torch.randn(n_images, feature_dim)
+    lengths = torch.randint(1, length + 1, (n_captions,))
+    tokens = torch.randint(2, vocab, (n_captions, length)) * (torch.arange(length)[None] < lengths[:, None])
+    return feats, tokens, lengths
+
+
 @pytest.fixture(scope='session')
 def synthetic_dir(tmp_path_factory):
     """A small synthetic dataset, prepared once for the session."""

@@ -184,7 +184,7 @@ def test_non_jpeg_images_decode_in_torch_mode(tmp_path):
 
 
 def test_prep_with_torch_decode_gives_the_pil_dataset_and_never_mixes_them(tmp_path):
-    args = ['--dataset=x', '--weights=random', '--batch_size=2', '--workers=0']
+    args = ['--dataset=x', '--weights=random', '--batch_size=2', '--workers=0', '--device=cpu']
     for d, option in (('pil', []), ('torch', ['--decode=torch'])):   # decode='auto' is 'pil' on a CPU
         image_dataset(tmp_path / d, ['train', 'train', 'val', 'test'])
         run_script('prep.py', *args, f'--data_dir={tmp_path / d}', *option)

@@ -3,23 +3,21 @@ the same global batch, train.py trains and resumes under torchrun, and prep.py's
 extraction equals a single process's."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ROOT, run_script
 
-CASES = [SimpleNamespace(measure='order', margin=0.05, max_violation=False),
-         SimpleNamespace(measure='order', margin=0.05, max_violation=True),
-         SimpleNamespace(measure='cosine', margin=0.2, max_violation=True)]
+CASES = [SimpleNamespace(measure='order', margin=0.05, max_violation=False, dtype='float32'),
+         SimpleNamespace(measure='order', margin=0.05, max_violation=True, dtype='float32'),
+         SimpleNamespace(measure='cosine', margin=0.2, max_violation=True, dtype='float32')]
 
 
 def make_inputs(measure):
