@@ -113,7 +113,9 @@ def image_features(paths, meta, dev):
                         "prepared from its images (prep.py --images_dir=...)")
     from utils import build_backbone, extract_features
     backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev)
-    feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False), dtype=np.float32)
+    # the dataset's decoder too: PIL and decode_jpeg agree only to rounding (older datasets: PIL)
+    feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False,
+                                        decode=meta.get('decode', 'pil')), dtype=np.float32)
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 

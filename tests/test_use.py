@@ -190,6 +190,9 @@ def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
     query = os.path.join(folder, data['images'][-2]['filename'])        # the test split's second image
     again = ev.image_features([query], meta, torch.device('cpu'))
     assert np.abs(again[0] - feats[1]).max() < 1e-5
+    # and with the decoder meta.json names: decode_jpeg's resize rounds differently from PIL's
+    other = ev.image_features([query], {**meta, 'decode': 'torch'}, torch.device('cpu'))
+    assert meta['decode'] == 'pil' and 0 < np.abs(other[0] - feats[1]).max() and other[0] @ feats[1] > 0.99
     gallery = tmp_path / 'image.png'
     proc = run_script('eval.py', f'--out_dir={out}', f'--image={query}', '--k=15', f'--gallery={gallery}')
     marked = [line for line in proc.stdout.splitlines() if line[5:6] == '*']
