@@ -110,6 +110,7 @@ def bench_train(s, dev, gen):
     iters = min(train_iters or s['iters'], len(batches) - 3)
 
     def gru_inputs(idx):
+        idx = idx[lengths[idx].argsort(descending=True)]   # sorted, as train_step packs them
         lens = lengths[idx]
         words = model.word_embed(tokens[idx.to(dev), :int(lens.max())]).detach().requires_grad_()
         return words, lens
@@ -119,7 +120,7 @@ def bench_train(s, dev, gen):
         # weights and into the word vectors
         gru.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
-            _, last = gru(pack_padded_sequence(words, lens, batch_first=True, enforce_sorted=False))
+            _, last = gru(pack_padded_sequence(words, lens, batch_first=True))
         last.sum().backward()
 
     for idx in batches[:3]:   # warm-up: compilation, allocator, first-touch

@@ -44,9 +44,13 @@ class JointEmbedding(nn.Module):
 
     def encode_captions(self, tokens, lengths):
         """tokens (B, L) padded with 0, lengths (B,): the GRU state at each caption's own last
-        token. Packing lets a whole batch of mixed lengths run in one call."""
-        packed = pack_padded_sequence(self.word_embed(tokens), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
+        token. Packing lets a whole batch of mixed lengths run in one call. A batch sorted
+        longest first (as training sorts it) is packed as it is; any other order is sorted and
+        unsorted by index on the device."""
+        lengths = lengths.cpu()
+        longest_first = bool((lengths[:-1] >= lengths[1:]).all())
+        packed = pack_padded_sequence(self.word_embed(tokens), lengths, batch_first=True,
+                                      enforce_sorted=longest_first)
         _, last = self.gru(packed)        # (1, B, embed_dim), back in the batch's own order
         return self._finish(last[0])
 

@@ -112,10 +112,16 @@ def batch_loss(model, feats, tokens, lengths, idx, cfg):
     come out normalized in float32, and the scores and the loss are float32, since the order
     penalty is a sum of squares of small differences that bfloat16 would round away."""
     dev = feats.device
+    # Longest caption first: the GRU's packing then needs no sort index on the device. The loss
+    # is a sum over all pairs, so the order of a batch's rows does not change it.
+    idx = idx[lengths[idx].argsort(descending=True, stable=True)]
     lens = lengths[idx]
+    # A plain copy to a GPU waits for everything queued before it; from pinned memory it does not,
+    # so the host goes on queueing the step while the GPU finishes the last one.
+    idx_dev = idx.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else idx.to(dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
-        images = model.encode_images(feats[(idx // 5).to(dev)])
-        captions = model.encode_captions(tokens[idx.to(dev), :int(lens.max())], lens)
+        images = model.encode_images(feats[idx_dev // 5])
+        captions = model.encode_captions(tokens[idx_dev, :int(lens.max())], lens)
     return contrastive_loss(model.scores(gather(images), gather(captions)), cfg.margin, cfg.max_violation)
 
 

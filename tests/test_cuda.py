@@ -74,6 +74,27 @@ def test_train_step_on_cuda_equals_the_plain_step_on_cpu(measure):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_training_step_never_waits_for_the_gpu(dtype):
+    """No copy or read in train_step makes the host wait for the GPU, so that the host queues
+    step n+1 while the GPU still runs step n (CUDA's sync debug mode raises on any wait)."""
+    torch.manual_seed(0)
+    feats, tokens, lengths = caption_batch(200, 1000, length=15, vocab=500, feature_dim=256)
+    feats, tokens = feats.cuda(), tokens.cuda()
+    model = JointEmbedding(256, 500, 32, 128, 'order', compiled=True).cuda()
+    optimizer = train.make_optimizer(model, 1e-3)
+    cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=2.0, dtype=dtype)
+    batches = torch.randperm(1000).split(128)
+    train.train_step(model, optimizer, feats, tokens, lengths, batches[0], cfg)   # compile, allocate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for idx in batches[1:4]:
+            train.train_step(model, optimizer, feats, tokens, lengths, idx, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
 def test_bfloat16_training_matches_float32_within_noise(synthetic_dir, tmp_path):
     """The same run in float32 and in bfloat16 autocast (the CUDA default), and float32 with
     another seed for the size of the noise: bfloat16 moves the test rsum no more than a seed does
