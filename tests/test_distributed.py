@@ -3,7 +3,6 @@ the same global batch, train.py trains and resumes under torchrun, and prep.py's
 extraction equals a single process's."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -42,8 +41,9 @@ def one_step(model, feats, tokens, lengths, idx, cfg, world):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def worker(rank, world, port, out):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+def worker(rank, world, out):
+    # a file rendezvous: a free port looked up in advance can be taken by another process meanwhile
+    dist.init_process_group('gloo', init_method=f'file://{os.path.join(out, "rendezvous")}', rank=rank, world_size=world)
     results = []
     for cfg in CASES:
         model, feats, tokens, lengths, idx = make_inputs(cfg.measure)
@@ -53,14 +53,8 @@ def worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_on_the_global_batch(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for cfg, *ranks in zip(CASES, *[torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]):
         loss, grads = one_step(*make_inputs(cfg.measure), cfg, world=1)
         for r_loss, r_grads in ranks:
