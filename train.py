@@ -98,7 +98,8 @@ def gather(x):
 
 def autocast_dtype(name, dev):
     """train.py's --dtype as the name of the dtype the encoders run in: bfloat16 autocast by
-    default on CUDA, where it halves the GRU's time; float32 elsewhere."""
+    default on CUDA (cuDNN's GRU runs wholly in bfloat16 there), float32 elsewhere. On a CPU with
+    native bfloat16 (AVX512-BF16) --dtype=bfloat16 trained 1.8 times faster here; see README."""
     if name not in ('auto', 'float32', 'bfloat16'):
         raise UserError(f"--dtype={name}: expected auto, float32 or bfloat16")
     if name == 'auto':

@@ -102,7 +102,7 @@ def test_bfloat16_training_matches_float32_within_noise(synthetic_dir, tmp_path)
     another seed for the size of the noise: bfloat16 moves the test rsum no more than a seed does
     (plus a little), and both learn. Each run's result is printed for the record."""
     model = JointEmbedding(24, 30, 8, 32, 'order', compiled=True).cuda()
-    seen = []   # cuDNN's GRU runs under autocast too (on a CPU only the image encoder does)
+    seen = []   # cuDNN's GRU runs wholly in bfloat16 under autocast, state included
     model.gru.register_forward_hook(lambda module, inputs, output: seen.append(output[1].dtype))
     feats, tokens, lengths = caption_batch(4, 20)
     cfg = SimpleNamespace(margin=0.05, max_violation=False, dtype='bfloat16')

@@ -110,7 +110,9 @@ def test_bfloat16_step_runs_the_encoder_in_bfloat16_and_the_loss_in_float32():
     torch.manual_seed(0)
     feats, tokens, lengths = caption_batch(16, 64)
     model = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
-    seen = []   # on a CPU autocast runs the image encoder's matmul in bfloat16, not the GRU (CUDA does both)
+    # the image encoder's output is bfloat16; on a CPU the GRU's matrix products are too, but it
+    # keeps its state in float32, so its output type shows nothing (on CUDA cuDNN's GRU is all bfloat16)
+    seen = []
     model.image_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     idx = torch.arange(32)
     losses = {}
