@@ -50,9 +50,18 @@ def test_coco_5k_ranking_on_cuda_equals_the_cpu():
 
 
 @pytest.mark.parametrize('measure', ['order', 'cosine'])
-def test_train_step_on_cuda_equals_the_plain_step_on_cpu(measure, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)   # cuDNN's GRU in true float32, as the CPU
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+def test_train_step_on_cuda_equals_the_plain_step_on_cpu(measure):
+    # true float32 on the GPU, as on the CPU: no TF32 in cuDNN's GRU or in the matmuls
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            compare_training_steps(measure)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def compare_training_steps(measure):
     torch.manual_seed(0)
     n_caps = 40
     feats, tokens, lengths = caption_batch(8, n_caps)
