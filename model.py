@@ -215,7 +215,8 @@ def score_matrix(images, captions, measure, compiled=False, chunk_elements=2 ** 
     (the tiled path's difference never exceeds chunk_elements). The compiled order kernel
     takes (1,024 images x 512 captions) blocks, which keep the captions in cache (whole rows
     of 25,000 captions ran 2.5 times slower on a 2-core CPU), all of one shape, the last ones
-    padded, so that it is compiled once."""
+    padded, so that it is compiled once. On CUDA the compiled order path is the Triton kernel,
+    whole matrix at once."""
     if measure == 'order' and compiled and images.is_cuda:
         return triton_order_scores(images, captions)
     out = torch.empty(len(images), len(captions), device=images.device)
