@@ -110,6 +110,20 @@ def test_unreadable_images_are_reported_not_raised_in_workers(tmp_path):
         extract_features(tiny_backbone(), files.paths[:2], 'vgg16', 1, CPU, workers=0, progress=False)
 
 
+@pytest.mark.parametrize('decode', ['pil', 'torch'])
+def test_progress_records_name_only_bad_files_of_finished_rows(tmp_path, decode):
+    """Features come back one batch late. Every progress record (on_batch) must list only the
+    bad files among the rows it calls done: one that named a bad file of the next batch would
+    have a resumed run, which reads that batch again, list it twice."""
+    paths = some_images(tmp_path, 5)
+    (tmp_path / 'text.jpg').write_text('not an image')
+    paths = paths[:3] + [str(tmp_path / 'text.jpg')] + paths[3:]       # batches of 2: the bad one is row 3
+    bad, records = [], []
+    extract_features(tiny_backbone(), paths, 'vgg16', 1, CPU, batch_size=2, workers=0, progress=False,
+                     bad=bad, on_batch=lambda done: records.append((done, [b[0] for b in bad])), decode=decode)
+    assert records == [(2, []), (4, [3]), (6, [3])] and [b[0] for b in bad] == [3]
+
+
 # ----------------------------------------------------------------------------- through prep.py
 
 def image_dataset(folder, splits, seed=0):
