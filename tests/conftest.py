@@ -10,10 +10,11 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 
 
-def run_script(script, *args, cwd=None, check=True, timeout=600):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+def run_script(script, *args, cwd=None, check=True, timeout=600, env=None):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess.
+    env: variables to set on top of this process's environment."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

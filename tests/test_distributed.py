@@ -93,7 +93,10 @@ def test_torchrun_extraction_equals_one_process(tmp_path):
     args = ['--dataset=x', '--weights=random', '--batch_size=2', '--workers=0']
     for name in ('one', 'two'):
         image_dataset(tmp_path / name, splits)
-    run_script('prep.py', *args, f'--data_dir={tmp_path / "one"}')
+    # Bit-identical by construction: the same batches through the same kernels with the same
+    # thread count (torchrun gives each process OMP_NUM_THREADS=1; a convolution's result can
+    # depend on how many threads split it).
+    run_script('prep.py', *args, f'--data_dir={tmp_path / "one"}', env={'OMP_NUM_THREADS': '1'})
     torchrun(*args, f'--data_dir={tmp_path / "two"}', script='prep.py')
     for name in ('features_vgg16_1crop.npy', 'train_ims.npy', 'val_ims.npy', 'test_ims.npy'):
         one, two = np.load(tmp_path / 'one' / name), np.load(tmp_path / 'two' / name)

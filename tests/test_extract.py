@@ -49,12 +49,13 @@ def test_batched_extraction_with_workers_equals_one_image_at_a_time(tmp_path):
     expected = np.stack([net(transform(Image.open(p).convert('RGB'))[None])[0].numpy() for p in paths])
     got = extract_features(net, paths, 'vgg16', 1, CPU, batch_size=2, workers=2, progress=False)
     assert got.dtype == np.float32 and got.shape == (5, 32)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # a batch of 2 and a batch of 1 may take different convolution kernels: same to rounding
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     # written into a given array from a start row on, rows before it untouched
     out = np.full((5, 32), 7, dtype=np.float32)
     extract_features(net, paths, 'vgg16', 1, CPU, batch_size=2, workers=0, out=out, start=3, progress=False)
     assert (out[:3] == 7).all()
-    np.testing.assert_allclose(out[3:], expected[3:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[3:], expected[3:], rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def test_vgg_backbone_gives_fc7_after_relu(tmp_path):
     # a local state_dict gives the same network; a wrong one is refused
     torch.save(full.state_dict(), tmp_path / 'vgg16.pth')
     local, _ = build_backbone('vgg16', str(tmp_path / 'vgg16.pth'), CPU)
-    torch.testing.assert_close(local(x), feats)
+    torch.testing.assert_close(local(x), feats)  # the same weights through the same path
     torch.save({'conv.weight': torch.zeros(3)}, tmp_path / 'other.pth')
     with pytest.raises(UserError, match='not a vgg16 state_dict'):
         build_backbone('vgg16', str(tmp_path / 'other.pth'), CPU)
@@ -162,7 +163,8 @@ def test_killed_extraction_resumes_without_recomputing_and_gives_the_same_featur
     assert f'resuming at image {done} of 3' in out
     np.testing.assert_allclose(np.load(tmp_path / 'a' / 'train_ims.npy')[0], np.full(4096, 1 / 64), rtol=1e-6)
 
-    image_dataset(tmp_path / 'b', ['train', 'val', 'test'])   # the same, in one go
+    # the same, in one go: bit-identical by construction (same batches, kernels and threads)
+    image_dataset(tmp_path / 'b', ['train', 'val', 'test'])
     run_script('prep.py', *args, f'--data_dir={tmp_path / "b"}')
     np.testing.assert_array_equal(np.load(feats)[1:], np.load(tmp_path / 'b' / 'features_vgg16_1crop.npy')[1:])
 
