@@ -33,6 +33,7 @@ out_dir = ''              # default: checkpoints/<dataset>
 measure = 'order'         # 'order' (order-embeddings) or 'cosine' (VSE, VSE++)
 margin = 0.05             # hinge margin: 0.05 for order-embeddings, 0.2 for VSE++
 max_violation = False     # True: only the hardest negative per query (VSE++)
+warmup_epochs = 0         # with max_violation: sum over all negatives for this many epochs first (from scratch it collapses)
 embed_dim = 1024          # joint space
 word_dim = 300            # word embeddings
 batch_size = 128
@@ -40,6 +41,7 @@ learning_rate = 1e-3      # Adam
 lr_decay_epoch = 0        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
 grad_clip = 2.0           # clip the gradient's global norm
 epochs = 15
+patience = 0              # stop when val rsum has not improved for this many validations (best.pt kept); 0 = never
 val_images = 0            # validate on this many val images; 0 = all, except COCO's first 1,000 (as VSE++)
 eval_interval = 0         # validate and save every this many iterations; 0 = at the end of each epoch
 log_interval = 50         # iterations between loss lines in log.jsonl
@@ -65,6 +67,11 @@ def epoch_order(n, epoch):
     """The caption order of one epoch: a function of (seed, epoch) alone, so that a resumed
     run visits exactly the batches an uninterrupted one would."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def hardest_negatives(cfg, epoch):
+    """VSE++'s hardest negative only after a warm start: from the first step it collapses."""
+    return cfg.max_violation and epoch >= cfg.warmup_epochs
 
 
 def make_optimizer(model, lr):
@@ -282,6 +289,7 @@ def main(argv):
             for group in optimizer.param_groups:
                 group['lr'] = lr
             order = epoch_order(n_caps, epoch)
+            step_cfg = SimpleNamespace(**{**vars(cfg), 'max_violation': hardest_negatives(cfg, epoch)})
             t0 = time.time()
             bar = tqdm(range(start, iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        initial=start, total=iters_per_epoch, disable=None if master else True)
@@ -290,7 +298,7 @@ def main(argv):
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
                 losses[it % cfg.log_interval], grad_norms[it % cfg.log_interval] = train_step(
-                    model, optimizer, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], cfg)
+                    model, optimizer, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], step_cfg)
                 it += 1
                 if it % cfg.log_interval == 0 or b == iters_per_epoch - 1:
                     check_finite()

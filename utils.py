@@ -187,7 +187,8 @@ def load_split(data_dir, split):
     """(features float32 (N, D), captions list of 5N token strings) of a prepared split."""
     meta = load_meta(data_dir)
     if split not in meta['splits']:
-        raise UserError(f"{data_dir}: no split {split!r}; prepared splits are {sorted(meta['splits'])}")
+        raise UserError(f"{data_dir}: split {split!r} was not prepared (its dataset json has no such images); "
+                        f"prepared splits: {', '.join(sorted(meta['splits']))}")
     ims_path, caps_path = split_paths(data_dir, split)
     again = "run prep.py again with --force=True"
     try:

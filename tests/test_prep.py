@@ -81,6 +81,27 @@ def test_features_npy_of_any_dimension(tmp_path):
     assert np.load(tmp_path / 'train_ims.npy').shape == (3, 2048)
 
 
+def test_dataset_without_test_split_prepares_train_and_val(tmp_path):
+    """As ../shared's Flickr8k, whose test photos are held back: train and val are enough, and
+    a later --split=test says that split was not prepared."""
+    write_pair(tmp_path, ['train'] * 4 + ['val'] * 2)
+    proc = run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}', '--vocab_threshold=1')
+    assert 'no test images' in proc.stdout and 'dataset.json' in proc.stdout
+    assert sorted(json.load(open(tmp_path / 'meta.json'))['splits']) == ['train', 'val']
+    assert not (tmp_path / 'test_ims.npy').exists()
+    out = tmp_path / 'run'
+    run_script('train.py', '--dataset=x', f'--data_dir={tmp_path}', f'--out_dir={out}', '--epochs=1',
+               '--embed_dim=16', '--word_dim=8', '--batch_size=4')
+    assert_user_error(run_script('eval.py', f'--out_dir={out}', check=False), "split 'test' was not prepared",
+                      'prepared splits: train, val')
+    run_script('eval.py', f'--out_dir={out}', '--split=val')
+    assert json.load(open(out / 'results_val.json'))['n_images'] == 2
+    # without val there is nothing to validate on: the dataset json is named
+    write_pair(tmp_path / 'b', ['train'] * 4 + ['test'] * 2)
+    assert_user_error(run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path / "b"}', check=False),
+                      'dataset.json: no images in split', "'val'")
+
+
 def no_outputs(folder):
     return not any(name.endswith(('.npy', 'caps.txt', 'meta.json', 'vocab.json')) and not name.startswith('mine')
                    for name in os.listdir(folder))

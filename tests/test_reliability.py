@@ -264,7 +264,7 @@ def test_bad_prepared_data_is_one_clear_line(synthetic_dir, tmp_path, case, frag
 
 def test_eval_wrong_split_name(reference):
     assert_user_error(run_here('eval', f'--out_dir={reference.out}', '--split=dev'),
-                      "no split 'dev'", "prepared splits are ['test', 'train', 'val']")
+                      "split 'dev' was not prepared", "prepared splits: test, train, val")
 
 
 # ----------------------------------------------------------------------------- bad input to prep.py
