@@ -13,7 +13,8 @@ image->text ranks each image's best-placed ground-truth caption among all captio
 split; text->image ranks each caption's image among all images. COCO's test split is also
 reported as "1K" (mean over 5 folds of 1,000 images) as well as "5K" (all of it).
 Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir.
-In a notebook: encode_text, encode_images, search, image_features below.
+In a notebook: load_model, encode_text, encode_images (from utils), search, image_features below.
+The pictures of --gallery are drawn by gallery.py.
 """
 import json
 import os
@@ -21,10 +22,11 @@ import os
 import numpy as np
 import torch
 
+from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
-from utils import (UNK, UserError, atomic_open, embed_split, encode_captions, load_checkpoint, load_meta,
-                   load_split, parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks,
-                   run_main, tokenize, write_json)
+from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_checkpoint, load_meta, load_split,
+                   parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main, tokenize,
+                   write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -54,8 +56,9 @@ def load_model(path, dev):
         raise UserError(f"{path}: no such checkpoint; train first (python train.py) or pass --out_dir=FOLDER of a run")
     ckpt = load_checkpoint(path, dev)  # weights_only: a torn, foreign or malicious file is refused, never run
     try:
-        cfg = ckpt['config']
-        model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), cfg['word_dim'], cfg['embed_dim'], cfg['measure'])
+        config = ckpt['config']
+        model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), config['word_dim'], config['embed_dim'],
+                               config['measure'])
         model.load_state_dict(ckpt['model'])
     except Exception as e:  # e.g. a config that does not match the weights' shapes
         raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -63,28 +66,6 @@ def load_model(path, dev):
 
 
 # ----------------------------------------------------------------------------- using the model
-
-@torch.no_grad()
-def encode_text(model, vocab, texts, tokenized=False, batch_size=1024):
-    """Sentences -> their embeddings (n, embed_dim). Raw text is tokenized as prep.py tokenizes
-    it; words the training captions did not have become <unk>."""
-    captions = list(texts) if tokenized else [' '.join(tokenize(t)) for t in texts]
-    for text, words in zip(texts, captions):
-        if not words.strip():
-            raise UserError(f"query {text!r}: no words in it (letters and digits are what counts)")
-    dev = next(model.parameters()).device
-    tokens, lengths = encode_captions(captions, vocab)
-    return torch.cat([model.encode_captions(tokens[i:i + batch_size, :int(lengths[i:i + batch_size].max())].to(dev),
-                                            lengths[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
-
-
-@torch.no_grad()
-def encode_images(model, feats, batch_size=1024):
-    """Image features (N, D), rows L2-normalized as prep.py writes them -> embeddings (N, embed_dim)."""
-    dev = next(model.parameters()).device
-    feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
-    return torch.cat([model.encode_images(feats[i:i + batch_size].to(dev)) for i in range(0, len(feats), batch_size)])
-
 
 def top_k(scores, k):
     """(scores, indices) of each row's k best columns, best first; equal scores in index order,
@@ -140,112 +121,6 @@ def find_images_dir(option, data, meta, files):
                     "named in <split>_files.txt")
 
 
-# The gallery's layout, shared with the tests that read pictures back.
-THUMB, GAP, MARGIN, HEADER, CAPTION_H, LABEL_H, LINE_H = 112, 10, 12, 44, 26, 20, 22
-GROUND_TRUTH = (0, 170, 60)   # the outline / mark of the ground truth
-TEXT_WIDTH = 720              # image gallery: the column of captions
-
-
-def text_row_height():
-    return CAPTION_H + THUMB + LABEL_H + GAP
-
-
-def thumb_box(row, rank):
-    """Where the text gallery puts the rank-th (0-based) image of the row-th query."""
-    x = MARGIN + rank * (THUMB + GAP)
-    y = HEADER + row * text_row_height() + CAPTION_H
-    return x, y, x + THUMB, y + THUMB
-
-
-def image_row_height(k):
-    return max(2 * THUMB + LABEL_H, LINE_H * (k + 1)) + 2 * GAP
-
-
-def caption_box(row, k, rank):
-    """Where the image gallery writes the rank-th (0-based) caption of the row-th query."""
-    x = MARGIN + 2 * THUMB + 2 * GAP
-    y = HEADER + row * image_row_height(k) + LINE_H * (rank + 1)
-    return x, y, x + TEXT_WIDTH, y + LINE_H
-
-
-def thumbnail(path, size=THUMB):
-    """The picture at `path` scaled to fit size x size, centred on light gray."""
-    from PIL import Image
-    with Image.open(path) as picture:
-        picture = picture.convert('RGB')
-        scale = size / max(picture.size)
-        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                 Image.BICUBIC)
-    tile = Image.new('RGB', (size, size), (235, 235, 235))
-    tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
-    return tile
-
-
-def fit(text, font, width):
-    """`text`, cut with an ellipsis to fit `width` pixels."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + '...') > width:
-        text = text[:-1]
-    return text + '...'
-
-
-def draw_text_gallery(results, image_paths, title, path):
-    """Caption queries: each row a caption, then its k best images left to right with rank and
-    score under each, the ground truth outlined in green (thumb_box says where each one goes)."""
-    from PIL import Image, ImageDraw, ImageFont
-    k = max(len(r['indices']) for r in results)
-    width = max(2 * MARGIN + k * THUMB + (k - 1) * GAP, 800)
-    picture = Image.new('RGB', (width, HEADER + len(results) * text_row_height()), 'white')
-    draw, font, small = ImageDraw.Draw(picture), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
-    draw.text((MARGIN, 6), fit(title, font, width - 2 * MARGIN), fill='black', font=font)
-    draw.text((MARGIN, 25), fit('each row: a caption, then the images ranked best for it, best first (#rank score); '
-                                'green frame = the image the caption was written for', small, width - 2 * MARGIN),
-              fill=(90, 90, 90), font=small)
-    for row, r in enumerate(results):
-        x, y = MARGIN, HEADER + row * text_row_height()
-        draw.text((x, y + 4), fit(f'"{r["query"]}"   {r["note"]}', font, width - 2 * MARGIN), fill='black', font=font)
-        for rank, (index, score) in enumerate(zip(r['indices'], r['scores'])):
-            box = thumb_box(row, rank)
-            picture.paste(thumbnail(image_paths[index]), box[:2])
-            if index in r['truth']:
-                draw.rectangle([box[0] - 4, box[1] - 4, box[2] + 3, box[3] + 3], outline=GROUND_TRUTH, width=4)
-            draw.text((box[0] + THUMB / 2, box[3] + 4), f'#{rank + 1}  {score:.4f}', fill='black', font=small, anchor='ma')
-    save_png(picture, path)
-
-
-def draw_image_gallery(results, query_paths, title, path):
-    """Image queries: each row the image, then its k best captions with rank and score, the
-    ground-truth captions on green (caption_box says where each one goes)."""
-    from PIL import Image, ImageDraw, ImageFont
-    k = max(len(r['indices']) for r in results)
-    width = 2 * MARGIN + 2 * THUMB + 2 * GAP + TEXT_WIDTH
-    picture = Image.new('RGB', (width, HEADER + len(results) * image_row_height(k)), 'white')
-    draw, font, small = ImageDraw.Draw(picture), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
-    draw.text((MARGIN, 6), fit(title, font, width - 2 * MARGIN), fill='black', font=font)
-    draw.text((MARGIN, 25), 'each row: an image, then the captions the model ranks best for it, best first '
-              '(rank, score); on green = a caption written for this image', fill=(90, 90, 90), font=small)
-    for row, r in enumerate(results):
-        y = HEADER + row * image_row_height(k)
-        picture.paste(thumbnail(query_paths[row], 2 * THUMB), (MARGIN, y))
-        draw.text((MARGIN, y + 2 * THUMB + 3), fit(r['query'], small, 2 * THUMB), fill='black', font=small)
-        x0 = MARGIN + 2 * THUMB + 2 * GAP
-        draw.text((x0, y + 3), fit(r['note'], font, TEXT_WIDTH), fill=(90, 90, 90), font=font)
-        for rank, (index, score) in enumerate(zip(r['indices'], r['scores'])):
-            box = caption_box(row, k, rank)
-            if index in r['truth']:
-                draw.rectangle([box[0], box[1], box[2], box[3] - 2], fill=(200, 240, 205))
-                draw.rectangle([box[0], box[1], box[0] + 5, box[3] - 2], fill=GROUND_TRUTH)
-            draw.text((box[0] + 10, box[1] + 3), fit(f'#{rank + 1}  {score:.4f}   {r["texts"][rank]}', font, TEXT_WIDTH - 14),
-                      fill='black', font=font)
-    save_png(picture, path)
-
-
-def save_png(picture, path):
-    with atomic_open(path) as f:
-        picture.save(f, format='PNG')
-
-
 def truth_rank(scores, truth):
     """0-based rank of the best-placed ground truth in one row of scores, ties counted against
     it (as the metrics count them)."""
@@ -253,78 +128,89 @@ def truth_rank(scores, truth):
     return int((scores >= best).sum()) - sum(int(scores[t] >= best) for t in truth)
 
 
-def use_model(cfg, model, ckpt, data, meta, feats, captions, files, dev):
+def use_model(model, ckpt, data_folder, meta, feats, captions, files, dev):
     """--query, --image, --gallery: print each query's top-k, and draw them if asked."""
-    if cfg['query'] and cfg['image']:
-        raise UserError("--query and --image: give one of the two")
-    if cfg['save_ranks'] or cfg['save_embeddings']:
-        raise UserError("--save_ranks and --save_embeddings belong to the evaluation; run them without --query/--image/--gallery")
-    if cfg['k'] < 1 or cfg['gallery_queries'] < 1 or cfg['gallery_by'] not in ('text', 'image'):
-        raise UserError("--k and --gallery_queries must be at least 1, --gallery_by 'text' or 'image'")
-    if cfg['gallery'] and not cfg['gallery'].lower().endswith('.png'):
-        raise UserError(f"--gallery={cfg['gallery']}: the gallery is a PNG; name it something.png")
-    vocab, k, n = ckpt['vocab'], cfg['k'], len(feats)
-    by = 'text' if cfg['query'] else 'image' if cfg['image'] else cfg['gallery_by']
+    check_use_options()
+    by = 'text' if query else 'image' if image else gallery_by
     # Check the pictures before the work, so that a missing folder costs nothing.
-    folder = find_images_dir(cfg['images_dir'], data, meta, files) if cfg['gallery'] and not cfg['image'] else None
-    if cfg['image'] and not os.path.isfile(cfg['image']):
-        raise UserError(f"{cfg['image']}: no such image file")
-
-    results = []
+    folder = find_images_dir(images_dir, data_folder, meta, files) if gallery and not image else None
     if by == 'text':
-        if cfg['query']:
-            texts, truths = [cfg['query']], [set()]
-            unknown = sorted({w for w in tokenize(cfg['query']) if w not in vocab})
-            note = f"(not in the vocabulary, read as {UNK}: {', '.join(unknown)})" if unknown else ''
-            queries = encode_text(model, vocab, texts)
-        else:
-            picks = np.linspace(0, len(captions) - 1, cfg['gallery_queries']).round().astype(int)
-            texts, truths, note = [captions[j] for j in picks], [{int(j) // 5} for j in picks], ''
-            queries = encode_text(model, vocab, texts, tokenized=True)
-        scores = score_matrix(encode_images(model, feats), queries, model.measure).t()
-        for text, truth, row in zip(texts, truths, scores):
-            where = f"(its image at rank {truth_rank(row, truth) + 1})" if truth else note
-            results.append({'query': text, 'truth': truth, 'note': where})
-        what = f"{n} images"
+        results, scores = text_queries(model, ckpt['vocab'], feats, captions)
+        what = f"{len(feats)} images"
     else:
-        caps = encode_text(model, vocab, captions, tokenized=True)
-        if cfg['image']:
-            query_paths = [cfg['image']]
-            try:  # an image of the split has ground-truth captions; a new one has none
-                folder = find_images_dir(cfg['images_dir'], data, meta, files)
-            except UserError:
-                folder = None
-            mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), cfg['image'])]
-            truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
-            images = encode_images(model, image_features(query_paths, meta, dev))
-        else:
-            picks = np.linspace(0, n - 1, cfg['gallery_queries']).round().astype(int)
-            query_paths = [os.path.join(folder, files[i]) for i in picks]
-            truths = [set(range(5 * i, 5 * i + 5)) for i in picks]
-            images = encode_images(model, feats[picks])
-        scores = score_matrix(images, caps, model.measure)
-        for p, truth, row in zip(query_paths, truths, scores):
-            results.append({'query': os.path.basename(p), 'truth': truth,
-                            'note': f"best ground-truth caption at rank {truth_rank(row, truth) + 1}" if truth else
-                            'not an image of the split: no ground truth'})
+        results, scores, query_paths = image_queries(model, ckpt['vocab'], feats, captions, files, folder,
+                                                     data_folder, meta, dev)
         what = f"{len(captions)} captions"
     top_scores, top_indices = top_k(scores, k)
     for r, s, i in zip(results, top_scores.tolist(), top_indices.tolist()):
         r.update(scores=s, indices=i, texts=[captions[j] for j in i] if by == 'image' else [files[j] for j in i])
-
-    title = f"{meta['dataset']} {cfg['split']} ({what}), {model.measure} measure, {ckpt['config'].get('out_dir', '')}"
+    title = f"{meta['dataset']} {split} ({what}), {model.measure} measure, {ckpt['config'].get('out_dir', '')}"
     print(f"{title}: top {k} (higher score = better; * = ground truth)")
     for r in results:
         print(f"\nquery: {r['query']!r} {r['note']}".rstrip())
         for rank, (score, index, text) in enumerate(zip(r['scores'], r['indices'], r['texts'])):
             print(f"{rank + 1:4d} {'*' if index in r['truth'] else ' '} {score:10.4f}  {text}")
-    if cfg['gallery']:
+    if gallery:
         if by == 'text':
-            draw_text_gallery(results, [os.path.join(folder, f) for f in files], title, cfg['gallery'])
+            draw_text_gallery(results, [os.path.join(folder, f) for f in files], title, gallery)
         else:
-            draw_image_gallery(results, query_paths, title, cfg['gallery'])
-        print(f"\nwrote {cfg['gallery']}")
+            draw_image_gallery(results, query_paths, title, gallery)
+        print(f"\nwrote {gallery}")
     return results
+
+
+def check_use_options():
+    if query and image:
+        raise UserError("--query and --image: give one of the two")
+    if save_ranks or save_embeddings:
+        raise UserError("--save_ranks and --save_embeddings belong to the evaluation; run them without --query/--image/--gallery")
+    if k < 1 or gallery_queries < 1 or gallery_by not in ('text', 'image'):
+        raise UserError("--k and --gallery_queries must be at least 1, --gallery_by 'text' or 'image'")
+    if gallery and not gallery.lower().endswith('.png'):
+        raise UserError(f"--gallery={gallery}: the gallery is a PNG; name it something.png")
+    if image and not os.path.isfile(image):
+        raise UserError(f"{image}: no such image file")
+
+
+def text_queries(model, vocab, feats, captions):
+    """--query, or --gallery_queries captions of the split: (results, scores (queries, images))."""
+    if query:
+        texts, truths = [query], [set()]
+        unknown = sorted({w for w in tokenize(query) if w not in vocab})
+        note = f"(not in the vocabulary, read as {UNK}: {', '.join(unknown)})" if unknown else ''
+        queries = encode_text(model, vocab, texts)
+    else:
+        picks = np.linspace(0, len(captions) - 1, gallery_queries).round().astype(int)
+        texts, truths, note = [captions[j] for j in picks], [{int(j) // 5} for j in picks], ''
+        queries = encode_text(model, vocab, texts, tokenized=True)
+    scores = score_matrix(encode_images(model, feats), queries, model.measure).t()
+    results = [{'query': text, 'truth': truth, 'note': f"(its image at rank {truth_rank(row, truth) + 1})" if truth else note}
+               for text, truth, row in zip(texts, truths, scores)]
+    return results, scores
+
+
+def image_queries(model, vocab, feats, captions, files, folder, data_folder, meta, dev):
+    """--image, or --gallery_queries images of the split: (results, scores (queries, captions), paths)."""
+    caps = encode_text(model, vocab, captions, tokenized=True)
+    if image:
+        query_paths = [image]
+        try:  # an image of the split has ground-truth captions; a new one has none
+            folder = find_images_dir(images_dir, data_folder, meta, files)
+        except UserError:
+            folder = None
+        mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), image)]
+        truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
+        images = encode_images(model, image_features(query_paths, meta, dev))
+    else:
+        picks = np.linspace(0, len(feats) - 1, gallery_queries).round().astype(int)
+        query_paths = [os.path.join(folder, files[i]) for i in picks]
+        truths = [set(range(5 * i, 5 * i + 5)) for i in picks]
+        images = encode_images(model, feats[picks])
+    scores = score_matrix(images, caps, model.measure)
+    results = [{'query': os.path.basename(p), 'truth': truth,
+                'note': f"best ground-truth caption at rank {truth_rank(row, truth) + 1}" if truth else
+                'not an image of the split: no ground truth'} for p, truth, row in zip(query_paths, truths, scores)]
+    return results, scores, query_paths
 
 
 def write_ranks(path, scores, files, captions):
@@ -375,9 +261,9 @@ def compare_runs(runs, split):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, feats, captions, vocab, dev, folds=False):
+def evaluate(model, feats, captions, vocab, folds=False):
     """Metrics of one split; with folds, also the mean over 5 folds of 1,000 images (COCO 1K)."""
-    images, caps = embed_split(model, feats, captions, vocab, dev)
+    images, caps = encode_images(model, feats), encode_text(model, vocab, captions, tokenized=True)
     scores = score_matrix(images, caps, model.measure, model.compiled)
     result = retrieval_metrics(scores)
     if folds:
@@ -399,53 +285,60 @@ def print_table(title, result):
 
 
 def main(argv):
-    cfg = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    if cfg['compare']:
-        compare_runs([r for r in cfg['compare'].split(',') if r], cfg['split'])
+    globals().update(parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv))
+    if compare:
+        compare_runs([r for r in compare.split(',') if r], split)
         return
-    dev = pick_device(cfg['device'])
-    ckpt_path = os.path.join(cfg['out_dir'], cfg['checkpoint'])
+    dev = pick_device(device)
+    ckpt_path = os.path.join(out_dir, checkpoint)
     model, ckpt = load_model(ckpt_path, dev)
-    model.compiled = cfg['compile']
-    data = cfg['data_dir'] or ckpt['config']['data_dir']
-    meta = load_meta(data)
-    feats, captions = load_split(data, cfg['split'])
+    model.compiled = compile
+    data_folder = data_dir or ckpt['config']['data_dir']
+    meta = load_meta(data_folder)
+    feats, captions = load_split(data_folder, split)
     if feats.shape[1] != ckpt['feature_dim']:
-        raise UserError(f"{data}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
+        raise UserError(f"{data_folder}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
                         f"{ckpt['feature_dim']}-d ones; evaluate on the dataset it was trained on (--data_dir)")
-    files_path = os.path.join(data, f"{cfg['split']}_files.txt")
+    files_path = os.path.join(data_folder, f"{split}_files.txt")
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
-    if cfg['query'] or cfg['image'] or cfg['gallery']:
-        with torch.no_grad():
-            use_model(cfg, model, ckpt, data, meta, feats, captions, files, dev)
-        return
-    coco_folds = meta['dataset'] == 'coco' and cfg['split'] == 'test' and len(feats) == 5000
     with torch.no_grad():
-        result, images, caps, scores = evaluate(model, feats, captions, ckpt['vocab'], dev, folds=coco_folds)
+        if query or image or gallery:
+            use_model(model, ckpt, data_folder, meta, feats, captions, files, dev)
+            return
+        coco_folds = meta['dataset'] == 'coco' and split == 'test' and len(feats) == 5000
+        result, images, caps, scores = evaluate(model, feats, captions, ckpt['vocab'], folds=coco_folds)
     result.update(n_images=len(feats), n_captions=len(captions), measure=model.measure,
-                  checkpoint=ckpt_path, data_dir=data, split=cfg['split'])
+                  checkpoint=ckpt_path, data_dir=data_folder, split=split)
+    report(result, meta, coco_folds)
+    write_outputs(result, images, caps, scores, files, captions)
 
-    name = f"{meta['dataset']} {cfg['split']}: {len(feats)} images, {len(captions)} captions, {model.measure} measure"
+
+def report(result, meta, coco_folds):
+    name = f"{meta['dataset']} {split}: {result['n_images']} images, {result['n_captions']} captions, {result['measure']} measure"
     if coco_folds:
         print_table(f"{name}, 1K (mean of 5 folds)", result['mean_1k'])
         print()
         print_table(f"{name}, 5K", result)
     else:
         print_table(name, result)
-    out = os.path.join(cfg['out_dir'], f"results_{cfg['split']}.json")
-    write_json(out, result)
-    if cfg['save_embeddings']:
-        emb_path = os.path.join(cfg['out_dir'], f"embeddings_{cfg['split']}.npz")
+
+
+def write_outputs(result, images, caps, scores, files, captions):
+    """results_<split>.json, and with --save_embeddings / --save_ranks the vectors and the ranks."""
+    results_path = os.path.join(out_dir, f"results_{split}.json")
+    write_json(results_path, result)
+    if save_embeddings:
+        emb_path = os.path.join(out_dir, f"embeddings_{split}.npz")
         with atomic_open(emb_path) as f:
             np.savez(f, images=images.cpu().numpy().astype(np.float32), captions=caps.cpu().numpy().astype(np.float32))
         print(f"wrote {emb_path}")
-    if cfg['save_ranks']:
-        ranks_path = os.path.join(cfg['out_dir'], f"ranks_{cfg['split']}.json")
+    if save_ranks:
+        ranks_path = os.path.join(out_dir, f"ranks_{split}.json")
         write_ranks(ranks_path, scores, files, captions)
         print(f"wrote {ranks_path}")
-    print(f"wrote {out}")
+    print(f"wrote {results_path}")
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
-                   extract_features, parse_config, pick_device, read_json, resolve_decode, run_main, split_paths,
+                   extract_features, lock_folder, parse_config, pick_device, read_json, resolve_decode, run_main, split_paths,
                    tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
@@ -194,24 +194,8 @@ def write_staged(staging, images, feats, meta):
 
 
 def lock_dataset(folder):
-    """Only one prep.py writes a dataset at a time: a second one stops at once instead of mixing
-    its files with the first one's. The lock lasts as long as the returned file stays open."""
-    path = os.path.join(folder, '.prep.lock')
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; one prep.py at a time is then up to the user
-        return None
-    try:
-        f = open(path, 'a')
-    except OSError as e:
-        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"{folder}: another prep.py is writing this dataset right now ({path} is locked); "
-                        "wait for it to finish, or use another --data_dir") from None
-    return f
+    """Only one prep.py writes a dataset at a time (utils.lock_folder)."""
+    return lock_folder(folder, '.prep.lock', 'prep.py', 'dataset')
 
 
 # ----------------------------------------------------------------------------- Flickr8k download

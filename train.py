@@ -3,9 +3,12 @@
     python train.py --dataset=flickr8k
     python train.py --dataset=coco --measure=cosine --margin=0.2 --max_violation=True   # VSE++
 
-Every constant below can be overridden as --name=value. Writes into out_dir: best.pt (best
-validation rsum), last.pt (where training stands; --resume=True continues from it),
+Every constant below can be overridden as --name=value (--help lists them). Writes into out_dir:
+best.pt (best validation rsum), last.pt (where training stands; --resume=True continues from it),
 log.jsonl (loss and validation metrics) and curves.png (the log drawn, at each validation).
+
+Read main() first: setup, the loop, validation and saving. Below it: the training step, then the
+machinery main() uses (the run folder and its checkpoints, Ctrl-C, torchrun, the curves).
 """
 import glob
 import io
@@ -23,8 +26,8 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (UserError, atomic_open, embed_split, encode_captions, load_checkpoint, load_meta, load_split,
-                   load_vocab, parse_config, pick_device, retrieval_metrics, run_main)
+from utils import (UserError, atomic_open, encode_captions, encode_images, encode_text, load_checkpoint, load_meta,
+                   load_split, load_vocab, lock_folder, parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -54,13 +57,80 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # -----------------------------------------------------------------------------
 
 
-def save_checkpoint(path, cfg, vocab, model, feature_dim, **state):
-    """A checkpoint holds everything eval.py needs: config, vocabulary, feature size, weights."""
-    buffer = io.BytesIO()  # serialized first: torch.save into a full disk fails with an obscure RuntimeError
-    torch.save({'config': vars(cfg), 'vocab': vocab, 'feature_dim': feature_dim,
-                'model': model.state_dict(), **state}, buffer)
-    with atomic_open(path) as f:
-        f.write(buffer.getbuffer())
+def main(argv):
+    config = read_config(argv)  # the constants above, overridden by argv; main reads them as plain names
+    rank, world, dev = setup_distributed(device)
+    settings = SimpleNamespace(margin=margin, grad_clip=grad_clip, dtype=autocast_dtype(dtype, dev))
+    torch.manual_seed(seed)
+    data = load_data(config['data_dir'], dev)
+    n_caps, global_batch = len(data.tokens), batch_size * world
+    iters_per_epoch = math.ceil(n_caps / global_batch)
+    model = JointEmbedding(data.feats.shape[1], len(data.vocab), word_dim, embed_dim, measure, compile).to(dev)
+    broadcast_weights(model)
+    optimizer = make_optimizer(model, learning_rate)
+    run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
+    if resume and run.resume(iters_per_epoch):
+        return
+    run.start_log()
+    if run.master:
+        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} captions, "
+              f"{len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; validating on "
+              f"{len(data.val_feats)} val images; writing to {run.out_dir}")
+    with run, StopRequests() as stop:
+        while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
+            epoch, start = divmod(run.iteration, iters_per_epoch)
+            lr = learning_rate * (0.1 if lr_decay_epoch and epoch >= lr_decay_epoch else 1.0)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            settings.max_violation = max_violation and epoch >= warmup_epochs
+            order = epoch_order(n_caps, epoch)
+            t0 = time.time()
+            bar = tqdm(range(start, iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       initial=start, total=iters_per_epoch, disable=None if run.master else True)
+            for b in bar:
+                # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
+                idx = order[b * global_batch:(b + 1) * global_batch]
+                share = len(idx) // world
+                run.record(*train_step(model, optimizer, data.feats, data.tokens, data.lengths,
+                                       idx[rank * share:(rank + 1) * share], settings))
+                if run.iteration % log_interval == 0 or b == iters_per_epoch - 1:
+                    bar.set_postfix(loss=f"{run.log_loss(lr, iters_per_epoch):.3f}")
+                if stop.agreed(run.iteration, world, dev):
+                    bar.close()
+                    run.stop(stop.signum)
+                if eval_interval and run.iteration % eval_interval == 0 and b != iters_per_epoch - 1:
+                    run.validate(data, iters_per_epoch)
+            bar.close()
+            if run.master:
+                print(f"epoch {epoch + 1}: {(iters_per_epoch - start) * global_batch / (time.time() - t0):.0f} captions/s")
+            run.validate(data, iters_per_epoch)
+    if run.master:
+        print(f"done: best validation rsum {run.best_rsum:.1f}; evaluate with: python eval.py --out_dir={run.out_dir}")
+
+
+def read_config(argv):
+    """The constants at the top with --name=value applied, made this module's globals (so that
+    main reads them as plain names), with the folders' defaults filled in; returns them as the
+    dict a checkpoint keeps. data_dir is kept absolute, so that eval.py finds it from anywhere."""
+    config = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if config['measure'] not in ('order', 'cosine'):
+        raise UserError(f"--measure={config['measure']}: expected 'order' or 'cosine'")
+    config['data_dir'] = os.path.abspath(config['data_dir'] or os.path.join('data', config['dataset']))
+    config['out_dir'] = config['out_dir'] or os.path.join('checkpoints', config['dataset'])
+    globals().update(config)
+    return config
+
+
+def load_data(data_folder, dev):
+    """The training split on the device (a batch is an index into it) and the val split."""
+    meta = load_meta(data_folder)
+    vocab = load_vocab(data_folder)
+    train_feats, train_caps = load_split(data_folder, 'train')
+    val_feats, val_caps = load_split(data_folder, 'val')
+    n_val = val_images or (1000 if meta['dataset'] == 'coco' else len(val_feats))
+    tokens, lengths = encode_captions(train_caps, vocab)
+    return SimpleNamespace(vocab=vocab, feats=torch.from_numpy(train_feats).to(dev), tokens=tokens.to(dev),
+                           lengths=lengths, val_feats=val_feats[:n_val], val_caps=val_caps[:5 * n_val])
 
 
 def epoch_order(n, epoch):
@@ -69,44 +139,13 @@ def epoch_order(n, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
-def hardest_negatives(cfg, epoch):
-    """VSE++'s hardest negative only after a warm start: from the first step it collapses."""
-    return cfg.max_violation and epoch >= cfg.warmup_epochs
-
-
 def make_optimizer(model, lr):
-    # fused: one kernel for all parameters; 4-6 times faster than the default on a 2-core CPU (this model: 15-18 ms, not 77-105 ms)
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-
-
-def setup_distributed(device_name):
-    """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU slot with gloo.
-    Returns (rank, world_size, device); a plain `python train.py` is rank 0 of 1."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    dev = pick_device(device_name)
-    if world == 1:
-        return 0, 1, dev
-    if dev.type == 'cuda':
-        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(dev)
-    dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return dist.get_rank(), world, dev
-
-
-def gather(x):
-    """Every rank's rows in rank order, with gradients flowing back to the rank that owns them,
-    so that each query is contrasted with the whole global batch, not only its own shard."""
-    if not dist.is_initialized():
-        return x
-    with warnings.catch_warnings():  # torch 2.14 calls it deprecated; it is still the autograd-aware gather
-        warnings.simplefilter('ignore', FutureWarning)
-        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: one kernel for all parameters
 
 
 def autocast_dtype(name, dev):
-    """train.py's --dtype as the name of the dtype the encoders run in: bfloat16 autocast by
-    default on CUDA (cuDNN's GRU runs wholly in bfloat16 there), float32 elsewhere. On a CPU with
-    native bfloat16 (AVX512-BF16) --dtype=bfloat16 trained 1.8 times faster here; see README."""
+    """--dtype as the name of the dtype the encoders run in: bfloat16 autocast by default on
+    CUDA (cuDNN's GRU runs wholly in bfloat16 there), float32 elsewhere (docs/speed.md)."""
     if name not in ('auto', 'float32', 'bfloat16'):
         raise UserError(f"--dtype={name}: expected auto, float32 or bfloat16")
     if name == 'auto':
@@ -114,7 +153,9 @@ def autocast_dtype(name, dev):
     return name
 
 
-def batch_loss(model, feats, tokens, lengths, idx, cfg):
+# ----------------------------------------------------------------------------- one training step
+
+def batch_loss(model, feats, tokens, lengths, idx, settings):
     """The contrastive loss of the captions `idx` (a CPU index) and their images. Under
     bfloat16 only the encoders' matrix products and the GRU run in bfloat16: the embeddings
     come out normalized in float32, and the scores and the loss are float32, since the order
@@ -127,50 +168,30 @@ def batch_loss(model, feats, tokens, lengths, idx, cfg):
     # A plain copy to a GPU waits for everything queued before it; from pinned memory it does not,
     # so the host goes on queueing the step while the GPU finishes the last one.
     idx_dev = idx.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else idx.to(dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings.dtype == 'bfloat16'):
         images = model.encode_images(feats[idx_dev // 5])
         captions = model.encode_captions(tokens[idx_dev, :int(lens.max())], lens)
-    return contrastive_loss(model.scores(gather(images), gather(captions)), cfg.margin, cfg.max_violation)
+    return contrastive_loss(model.scores(gather(images), gather(captions)), settings.margin, settings.max_violation)
 
 
-def average_gradients(model):
-    """Every rank computed the same global loss, and the all_gather backward summed the world's
-    identical copies of each embedding gradient: summing the parameter gradients over ranks and
-    dividing by the world size gives exactly the single-process gradient of the global batch."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
-def train_step(model, optimizer, feats, tokens, lengths, idx, cfg):
+def train_step(model, optimizer, feats, tokens, lengths, idx, settings):
     """One step on this rank's captions idx (a CPU index): loss, backward, gradients averaged
     over ranks, clip, Adam. Returns the loss and the gradient norm before clipping as device
     tensors, so that the loop never waits for the device."""
-    loss = batch_loss(model, feats, tokens, lengths, idx, cfg)
+    loss = batch_loss(model, feats, tokens, lengths, idx, settings)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if dist.is_initialized():
         average_gradients(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     return loss.detach(), grad_norm
 
 
-def any_rank(flag, dev):
-    """True on every rank when it is True on any: ranks must agree before leaving the loop."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([float(bool(flag))], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def validate(model, feats, captions, vocab, dev):
+@torch.no_grad()
+def validate(model, feats, captions, vocab):
     model.eval()
-    images, caps = embed_split(model, feats, captions, vocab, dev)
+    images, caps = encode_images(model, feats), encode_text(model, vocab, captions, tokenized=True)
     if not (torch.isfinite(images).all() and torch.isfinite(caps).all()):
         raise FloatingPointError("the validation embeddings became NaN or inf")  # weights too large, if finite
     result = retrieval_metrics(score_matrix(images, caps, model.measure, model.compiled))
@@ -178,251 +199,199 @@ def validate(model, feats, captions, vocab, dev):
     return result
 
 
-def main(argv):
-    cfg = SimpleNamespace(**parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
-    globals().update(vars(cfg))
-    cfg.data_dir = cfg.data_dir or os.path.join('data', cfg.dataset)
-    cfg.out_dir = cfg.out_dir or os.path.join('checkpoints', cfg.dataset)
-    if cfg.measure not in ('order', 'cosine'):
-        raise UserError(f"--measure={cfg.measure}: expected 'order' or 'cosine'")
-    rank, world, dev = setup_distributed(cfg.device)
-    cfg.dtype = autocast_dtype(cfg.dtype, dev)
-    master = rank == 0  # rank 0 validates, logs and checkpoints
-    torch.manual_seed(cfg.seed)
+# ----------------------------------------------------------------------------- the run folder
 
-    meta = load_meta(cfg.data_dir)
-    vocab = load_vocab(cfg.data_dir)
-    train_feats, train_caps = load_split(cfg.data_dir, 'train')
-    val_feats, val_caps = load_split(cfg.data_dir, 'val')
-    n_val = cfg.val_images or (1000 if meta['dataset'] == 'coco' else len(val_feats))
-    val_feats, val_caps = val_feats[:n_val], val_caps[:5 * n_val]
+class Run:
+    """What outlives a step: the iteration, the best validation rsum, the window of recent losses,
+    and out_dir's files (log.jsonl, last.pt, best.pt, curves.png), which rank 0 alone writes.
+    last.pt always holds a state without NaN or inf: every save checks first."""
 
-    # The whole training set lives on the device; a batch is an index into it.
-    feats = torch.from_numpy(train_feats).to(dev)
-    tokens, lengths = encode_captions(train_caps, vocab)
-    tokens = tokens.to(dev)
-    n_caps = len(tokens)
-    global_batch = cfg.batch_size * world
-    iters_per_epoch = math.ceil(n_caps / global_batch)
+    def __init__(self, config, vocab, model, optimizer, master, dev):
+        self.config, self.vocab, self.model, self.optimizer, self.master = config, vocab, model, optimizer, master
+        self.out_dir = config['out_dir']
+        self.last_path, self.best_path = os.path.join(self.out_dir, 'last.pt'), os.path.join(self.out_dir, 'best.pt')
+        self.log_path = os.path.join(self.out_dir, 'log.jsonl')
+        # each iteration's loss and gradient norm, checked for NaN/inf (and logged) every log_interval
+        self.losses = torch.zeros(config['log_interval'], device=dev)
+        self.grad_norms = torch.zeros(config['log_interval'], device=dev)
+        self.iteration, self.best_rsum, self.since_best = 0, -1.0, 0
+        self.saved_iteration = None  # the iteration last.pt holds
+        self.lock = lock_folder(self.out_dir, '.train.lock', 'train.py', 'run folder') if master else None
+        if master and not config['resume']:
+            refuse_used_folder(self.out_dir)
+        self.log = None
 
-    model = JointEmbedding(feats.shape[1], len(vocab), cfg.word_dim, cfg.embed_dim, cfg.measure, cfg.compile).to(dev)
-    if world > 1:
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
-    optimizer = make_optimizer(model, cfg.learning_rate)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-    # Each iteration's loss and gradient norm, checked for NaN/inf (and logged) every log_interval.
-    losses, grad_norms = torch.zeros(cfg.log_interval, device=dev), torch.zeros(cfg.log_interval, device=dev)
-    it, best_rsum = 0, -1.0
-    if cfg.resume:
-        it, best_rsum = resume_from(last_path, cfg, vocab, feats.shape[1], model, optimizer, dev, losses, grad_norms)
-        if it >= cfg.epochs * iters_per_epoch:
-            print(f"{last_path}: this run already finished ({cfg.epochs} epochs); nothing to do")
-            return
-        print(f"resuming from {last_path} at iteration {it} (epoch {it // iters_per_epoch})")
-        if master:
-            trim_log(log_path, it)
-    elif os.path.exists(last_path):
-        raise UserError(f"{last_path} exists: pass --resume=True to continue that run, or choose another --out_dir")
-    saved_it = it if cfg.resume else None  # the iteration last.pt holds
-    if master:
-        remove_stale_temporaries(cfg.out_dir)
-    try:
-        log = open(log_path if master else os.devnull, 'a' if cfg.resume else 'w', encoding='utf-8')
-    except OSError as e:
-        raise UserError(f"{log_path}: cannot write it ({e.strerror}); check the folder's permissions") from None
-    if master:
-        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {cfg.dtype}: {n_caps} captions, {len(feats)} images, "
-              f"{iters_per_epoch} iterations of {global_batch} per epoch; validating on {n_val} val images; writing to {cfg.out_dir}")
+    def resume(self, iters_per_epoch):
+        """Continue from last.pt; True if that run had already finished."""
+        state = resume_from(self.last_path, self.config, self.vocab, self.model, self.optimizer, self.losses.device)
+        self.iteration, self.best_rsum = state['iteration'], state['best_rsum']
+        self.since_best, self.saved_iteration = state.get('since_best', 0), self.iteration
+        if 'loss_window' in state and state['loss_window'].shape == self.losses.shape:  # same --log_interval
+            self.losses.copy_(state['loss_window'])
+            self.grad_norms.copy_(state['grad_norm_window'])
+        if self.iteration >= self.config['epochs'] * iters_per_epoch or self.patience_exhausted():
+            print(f"{self.last_path}: this run already finished ({self.config['epochs']} epochs, or no improvement "
+                  f"for --patience={self.config['patience']} validations); nothing to do")
+            return True
+        print(f"resuming from {self.last_path} at iteration {self.iteration} (epoch {self.iteration // iters_per_epoch})")
+        if self.master:
+            trim_log(self.log_path, self.iteration)
+        return False
 
-    def check_finite():
+    def start_log(self):
+        if self.master:
+            remove_stale_temporaries(self.out_dir)
+        try:
+            self.log = open(self.log_path if self.master else os.devnull, 'a' if self.config['resume'] else 'w',
+                            encoding='utf-8')
+        except OSError as e:
+            raise UserError(f"{self.log_path}: cannot write it ({e.strerror}); check the folder's permissions") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if isinstance(error, FloatingPointError):
+            self.stop_non_finite(str(error), self.iteration)
+
+    def record(self, loss, grad_norm):
+        self.losses[self.iteration % len(self.losses)] = loss
+        self.grad_norms[self.iteration % len(self.losses)] = grad_norm
+        self.iteration += 1
+
+    def window(self):
+        """The entries since the last full window of log_interval iterations."""
+        return (self.iteration - 1) % len(self.losses) + 1
+
+    def log_loss(self, lr, iters_per_epoch):
+        self.check_finite()
+        loss = self.losses[:self.window()].mean().item()
+        self.write({'iteration': self.iteration, 'epoch': round(self.iteration / iters_per_epoch, 4),
+                    'loss': float(f'{loss:.6g}'), 'lr': lr})
+        return loss
+
+    def write(self, record):
+        try:
+            self.log.write(json.dumps(record) + '\n')
+            self.log.flush()
+        except OSError as e:
+            advice = ("check the folder's permissions" if isinstance(e, PermissionError) else
+                      "free some disk space, then continue with --resume=True")
+            raise UserError(f"{self.log_path}: cannot write it ({e.strerror or e}); {advice}") from None
+
+    def check_finite(self):
         """Stop at the first NaN or inf since the last check: in a loss, a gradient norm or, after
-        them, the weights. Called before every log line, validation and checkpoint, so that
-        last.pt always holds the last good state."""
-        n = (it - 1) % cfg.log_interval + 1  # the entries since the last full window
-        window = torch.stack((losses[:n], grad_norms[:n])).cpu()
+        them, the weights."""
+        n = self.window()
+        window = torch.stack((self.losses[:n], self.grad_norms[:n])).cpu()
         bad = (~torch.isfinite(window)).any(0).nonzero()
         if len(bad):
             k = int(bad[0])
             what, value = ('loss', window[0, k]) if not torch.isfinite(window[0, k]) else ('gradient norm', window[1, k])
-            what, where = f"the {what} became {value.item()}", it - n + 1 + k
-        elif not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-            what, where = "the weights became NaN or inf", it
-        else:
-            return
-        stop_non_finite(what, where)
+            self.stop_non_finite(f"the {what} became {value.item()}", self.iteration - n + 1 + k)
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            self.stop_non_finite("the weights became NaN or inf", self.iteration)
 
-    def stop_non_finite(what, where):
-        kept = (f"{last_path} keeps the last good state (iteration {saved_it})" if saved_it is not None
-                else "no checkpoint had been written yet")
+    def stop_non_finite(self, what, where):
+        kept = (f"{self.last_path} keeps the last good state (iteration {self.saved_iteration})"
+                if self.saved_iteration is not None else "no checkpoint had been written yet")
         raise UserError(f"{what} at iteration {where}; training stopped, {kept}; "
                         "try a lower --learning_rate or check the features")
 
-    def checkpoint(val=None):
-        nonlocal best_rsum, saved_it
-        check_finite()
-        if not master:
-            return
-        state = dict(iteration=it, best_rsum=max(best_rsum, val['rsum']) if val else best_rsum,
-                     loss_window=losses.cpu(), grad_norm_window=grad_norms.cpu(), rng_state=torch.get_rng_state())
-        if val is not None and val['rsum'] > best_rsum:
-            best_rsum = val['rsum']
-            save_checkpoint(best_path, cfg, vocab, model, feats.shape[1], val=val, **state)
-        save_checkpoint(last_path, cfg, vocab, model, feats.shape[1], optimizer=optimizer.state_dict(), **state)
-        saved_it = it
-
-    # A preempted or Ctrl-C'd run stops at the next iteration boundary and saves last.pt.
-    # A second Ctrl-C stops at once (all writes are atomic, so nothing is torn).
-    stop, stopping = [], False
-
-    def handler(signum, frame):
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.append(signum)
-    old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while it < cfg.epochs * iters_per_epoch:
-            epoch, start = divmod(it, iters_per_epoch)
-            lr = cfg.learning_rate * (0.1 if cfg.lr_decay_epoch and epoch >= cfg.lr_decay_epoch else 1.0)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            order = epoch_order(n_caps, epoch)
-            step_cfg = SimpleNamespace(**{**vars(cfg), 'max_violation': hardest_negatives(cfg, epoch)})
-            t0 = time.time()
-            bar = tqdm(range(start, iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       initial=start, total=iters_per_epoch, disable=None if master else True)
-            for b in bar:
-                # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
-                idx = order[b * global_batch:(b + 1) * global_batch]
-                share = len(idx) // world
-                losses[it % cfg.log_interval], grad_norms[it % cfg.log_interval] = train_step(
-                    model, optimizer, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], step_cfg)
-                it += 1
-                if it % cfg.log_interval == 0 or b == iters_per_epoch - 1:
-                    check_finite()
-                    window = losses[:(it - 1) % cfg.log_interval + 1].cpu()
-                    bar.set_postfix(loss=f"{window.mean().item():.3f}")
-                    write_log(log, f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "loss": {window.mean().item():.6g}, "lr": {lr:g}}}\n')
-                if (world == 1 or it % cfg.log_interval == 0) and any_rank(stop, dev):
-                    stopping = True
-                    break
-                if cfg.eval_interval and it % cfg.eval_interval == 0 and b != iters_per_epoch - 1:
-                    check_finite()
-                    validate_and_save(model, val_feats, val_caps, vocab, dev, it, iters_per_epoch, log, checkpoint, master)
-            bar.close()
-            if stopping:
-                checkpoint()
-                if master:
-                    print(f"stopped at iteration {it}; {last_path} saved: continue with --resume=True")
-                # the shell's code for "killed by this signal", so that `train.py && eval.py` stops here
-                raise SystemExit(128 + (stop[0] if stop else signal.SIGTERM))
-            if master:
-                print(f"epoch {epoch + 1}: {(iters_per_epoch - start) * global_batch / (time.time() - t0):.0f} captions/s")
-            validate_and_save(model, val_feats, val_caps, vocab, dev, it, iters_per_epoch, log, checkpoint, master)
-    except FloatingPointError as e:
-        stop_non_finite(str(e), it)
-    finally:
-        log.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+    def validate(self, data, iters_per_epoch):
+        """Rank 0 validates, logs, redraws the curves and saves; the other ranks wait for it."""
+        self.check_finite()
+        if self.master:
+            val = validate(self.model, data.val_feats, data.val_caps, self.vocab)
+            print(f"iteration {self.iteration} (epoch {self.iteration / iters_per_epoch:.2f}) val: "
+                  f"i2t R@1 {val['i2t']['r1']:.1f} R@5 {val['i2t']['r5']:.1f} R@10 {val['i2t']['r10']:.1f} | "
+                  f"t2i R@1 {val['t2i']['r1']:.1f} R@5 {val['t2i']['r5']:.1f} R@10 {val['t2i']['r10']:.1f} | "
+                  f"rsum {val['rsum']:.1f}")
+            self.write({'iteration': self.iteration, 'epoch': round(self.iteration / iters_per_epoch, 4), 'val': val})
+            draw_curves(self.log_path, os.path.join(self.out_dir, 'curves.png'))
+            self.save(val)
+            if self.patience_exhausted():
+                print(f"validation rsum has not improved for {self.since_best} validations (--patience="
+                      f"{self.config['patience']}); stopping, best.pt keeps the best (rsum {self.best_rsum:.1f})")
         if dist.is_initialized():
-            dist.destroy_process_group()
-    if master:
-        print(f"done: best validation rsum {best_rsum:.1f}; evaluate with: python eval.py --out_dir={cfg.out_dir}")
+            dist.barrier()
+
+    def patience_exhausted(self):
+        return 0 < self.config['patience'] <= self.since_best
+
+    def save(self, val=None):
+        """last.pt, and best.pt when `val` is the best validation so far."""
+        self.check_finite()
+        if not self.master:
+            return
+        if val is not None:
+            improved = val['rsum'] > self.best_rsum
+            self.best_rsum = max(self.best_rsum, val['rsum'])
+            self.since_best = 0 if improved else self.since_best + 1
+        state = dict(iteration=self.iteration, best_rsum=self.best_rsum, since_best=self.since_best,
+                     loss_window=self.losses.cpu(), grad_norm_window=self.grad_norms.cpu(), rng_state=torch.get_rng_state())
+        if val is not None and improved:
+            save_checkpoint(self.best_path, self.config, self.vocab, self.model, val=val, **state)
+        save_checkpoint(self.last_path, self.config, self.vocab, self.model, optimizer=self.optimizer.state_dict(), **state)
+        self.saved_iteration = self.iteration
+
+    def stop(self, signum):
+        """Ctrl-C or SIGTERM: save last.pt, then exit with the shell's code for that signal, so
+        that `train.py && eval.py` stops here."""
+        self.save()
+        if self.master:
+            print(f"stopped at iteration {self.iteration}; {self.last_path} saved: continue with --resume=True")
+        raise SystemExit(128 + signum)
 
 
-def validate_and_save(model, val_feats, val_caps, vocab, dev, it, iters_per_epoch, log, checkpoint, master):
-    if master:
-        report(validate(model, val_feats, val_caps, vocab, dev), it, iters_per_epoch, log, checkpoint)
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's validation and checkpoint
+def save_checkpoint(path, config, vocab, model, **state):
+    """A checkpoint holds everything eval.py needs: config, vocabulary, feature size, weights."""
+    buffer = io.BytesIO()  # serialized first: torch.save into a full disk fails with an obscure RuntimeError
+    torch.save({'config': config, 'vocab': vocab, 'feature_dim': model.image_fc.in_features,
+                'model': model.state_dict(), **state}, buffer)
+    with atomic_open(path) as f:
+        f.write(buffer.getbuffer())
 
 
-def report(val, it, iters_per_epoch, log, checkpoint):
-    print(f"iteration {it} (epoch {it / iters_per_epoch:.2f}) val: "
-          f"i2t R@1 {val['i2t']['r1']:.1f} R@5 {val['i2t']['r5']:.1f} R@10 {val['i2t']['r10']:.1f} | "
-          f"t2i R@1 {val['t2i']['r1']:.1f} R@5 {val['t2i']['r5']:.1f} R@10 {val['t2i']['r10']:.1f} | rsum {val['rsum']:.1f}")
-    write_log(log, f'{{"iteration": {it}, "epoch": {it / iters_per_epoch:.4f}, "val": {json.dumps(val)}}}\n')
-    draw_curves(log.name, os.path.join(os.path.dirname(log.name), 'curves.png'))
-    checkpoint(val)
+def refuse_used_folder(out_dir):
+    """A new run never overwrites another run's results: it needs a folder of its own."""
+    used = [name for name in ('last.pt', 'best.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, name))]
+    used += sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out_dir), 'results_*.json')))
+    if used:
+        raise UserError(f"{out_dir} holds another run ({', '.join(used)}): pass --resume=True to continue it, "
+                        "or choose another --out_dir")
 
 
-def nice_ticks(high, count=5):
-    """Round tick values from 0 to at least `high`: steps of 1, 2 or 5 times a power of ten."""
-    raw = max(high, 1e-12) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    return [step * i for i in range(math.ceil(high / step - 1e-9) + 1)]
-
-
-def draw_panel(draw, font, left, top, width, height, title, series, y_max=None):
-    """One line chart into the box (left, top, width, height): `series` is a list of
-    (label, rgb, xs, ys). Both axes start at 0; points are marked so that one validation shows."""
-    x_ticks = nice_ticks(max(max(xs) for _, _, xs, _ in series))
-    y_ticks = nice_ticks(y_max or max(max(ys) for _, _, _, ys in series) or 1.0)
-    x0, y0, x1, y1 = left + 50, top + 44, left + width - 22, top + height - 36  # the plotting area
-    px = lambda x: x0 + (x1 - x0) * x / x_ticks[-1]
-    py = lambda y: y1 - (y1 - y0) * y / y_ticks[-1]
-    draw.text((left + width / 2, top + 4), title, fill='black', font=font, anchor='ma')
-    for t in x_ticks:
-        draw.line([px(t), y0, px(t), y1], fill=(225, 225, 225))
-        draw.text((px(t), y1 + 4), f'{t:g}', fill='black', font=font, anchor='ma')
-    for t in y_ticks:
-        draw.line([x0, py(t), x1, py(t)], fill=(225, 225, 225))
-        draw.text((x0 - 4, py(t)), f'{t:g}', fill='black', font=font, anchor='rm')
-    draw.rectangle([x0, y0, x1, y1], outline='black')
-    draw.text(((x0 + x1) / 2, y1 + 20), 'iteration', fill='black', font=font, anchor='ma')
-    for n, (label, rgb, xs, ys) in enumerate(series):
-        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if len(points) > 1:
-            draw.line(points, fill=rgb, width=2)
-        if len(points) <= 100:
-            for x, y in points:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
-        key = x0 + 70 * n  # the legend: one row between the title and the plot
-        draw.line([key, top + 32, key + 18, top + 32], fill=rgb, width=3)
-        draw.text((key + 22, top + 32), label, fill='black', font=font, anchor='lm')
-
-
-def draw_curves(log_path, png_path):
-    """log.jsonl -> a PNG of three panels against iterations: the training loss, then the
-    validation R@1/R@5/R@10 of image->text and of text->image. A resumed run's log repeats
-    iterations; the last record of each counts."""
-    from PIL import Image, ImageDraw, ImageFont
-    loss, val = {}, {}
-    with open(log_path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the torn last line of a killed run, before a resume: not worth a crash
-                continue
-            (loss if 'loss' in record else val)[record['iteration']] = record.get('loss', record.get('val'))
-    if not val:
-        return
-    picture = Image.new('RGB', (3 * 380, 300), 'white')
-    draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=13)
-    steps = sorted(loss)
-    if steps:
-        draw_panel(draw, font, 0, 0, 380, 300, 'training loss (mean over log_interval)',
-                   [('loss', (40, 40, 40), steps, [loss[s] for s in steps])])
-    steps = sorted(val)
-    for n, (key, name) in enumerate((('i2t', 'image->text'), ('t2i', 'text->image'))):
-        series = [(f'R@{k}', rgb, steps, [val[s][key][f'r{k}'] for s in steps])
-                  for k, rgb in ((1, (214, 39, 40)), (5, (31, 119, 180)), (10, (44, 160, 44)))]
-        draw_panel(draw, font, 380 * (n + 1), 0, 380, 300, f'validation {name} recall (%)', series, y_max=100)
-    with atomic_open(png_path) as f:
-        picture.save(f, format='PNG')
-
-
-def write_log(log, line):
+def resume_from(path, config, vocab, model, optimizer, dev):
+    """Load last.pt into the model, the optimizer and the RNG; returns the checkpoint."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no checkpoint to resume from; drop --resume=True to start a new run")
+    ckpt = load_checkpoint(path, dev)
+    saved = ckpt['config']
+    changed = [k for k in ('dataset', 'measure', 'embed_dim', 'word_dim', 'batch_size', 'seed') if saved.get(k) != config[k]]
+    if changed or ckpt['vocab'] != vocab or ckpt['feature_dim'] != model.image_fc.in_features:
+        what = ', '.join(f"{k} {saved.get(k)!r} -> {config[k]!r}" for k in changed)
+        if not what:
+            what = ("its vocabulary differs from this dataset's" if ckpt['vocab'] != vocab else
+                    f"{ckpt['feature_dim']}-d image features, this dataset has {model.image_fc.in_features}-d")
+        raise UserError(f"{path}: cannot resume with a different setup ({what}); use the same options and "
+                        "dataset, or a new --out_dir")
     try:
-        log.write(line)
-        log.flush()
-    except OSError as e:
-        raise UserError(f"{log.name}: cannot write it ({e.strerror or e}); free some disk space, then continue "
-                        "with --resume=True") from None
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        ckpt['iteration'], ckpt['best_rsum'] = int(ckpt['iteration']), float(ckpt['best_rsum'])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+                        "use a new --out_dir") from None
+    if 'rng_state' in ckpt:
+        torch.set_rng_state(ckpt['rng_state'].cpu())
+    changed = [k for k in saved if k != 'resume' and k in config and saved[k] != config[k]]
+    if changed:
+        print("note: resuming with " + ', '.join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in changed))
+    return ckpt
 
 
 def trim_log(path, iteration):
@@ -451,38 +420,113 @@ def remove_stale_temporaries(out_dir):
         os.remove(path)
 
 
-def resume_from(path, cfg, vocab, feature_dim, model, optimizer, dev, losses, grad_norms):
-    """Load last.pt into the model and optimizer (and the RNG and the loss window); returns
-    (iteration, best validation rsum)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no checkpoint to resume from; drop --resume=True to start a new run")
-    ckpt = load_checkpoint(path, dev)
-    saved = ckpt['config']
-    changed = [k for k in ('dataset', 'measure', 'embed_dim', 'word_dim', 'batch_size', 'seed')
-               if saved.get(k) != getattr(cfg, k)]
-    if changed or ckpt['vocab'] != vocab or ckpt['feature_dim'] != feature_dim:
-        what = ', '.join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        if not what:
-            what = ("its vocabulary differs from this dataset's" if ckpt['vocab'] != vocab else
-                    f"{ckpt['feature_dim']}-d image features, this dataset has {feature_dim}-d")
-        raise UserError(f"{path}: cannot resume with a different setup ({what}); use the same options and "
-                        "dataset, or a new --out_dir")
-    try:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iteration, best_rsum = int(ckpt['iteration']), float(ckpt['best_rsum'])
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise UserError(f"{path}: does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-                        "use a new --out_dir") from None
-    if 'rng_state' in ckpt:
-        torch.set_rng_state(ckpt['rng_state'].cpu())
-    if 'loss_window' in ckpt and ckpt['loss_window'].shape == losses.shape:  # same --log_interval
-        losses.copy_(ckpt['loss_window'])
-        grad_norms.copy_(ckpt['grad_norm_window'])
-    changed = [k for k in saved if k not in ('resume',) and k in vars(cfg) and saved[k] != getattr(cfg, k)]
-    if changed:
-        print("note: resuming with " + ', '.join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed))
-    return iteration, best_rsum
+def draw_curves(log_path, png_path):
+    """log.jsonl -> a PNG of three panels against iterations: the training loss (log scale: it
+    falls by orders of magnitude), then the validation R@1/R@5/R@10 of image->text and of
+    text->image. A resumed run's log repeats iterations; the last record of each counts."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    loss, val = {}, {}
+    with open(log_path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed run, before a resume
+                continue
+            (loss if 'loss' in record else val)[record['iteration']] = record.get('loss', record.get('val'))
+    figure, axes = plt.subplots(1, 3, figsize=(11.4, 3), dpi=100, layout='constrained')
+    axes[0].plot(sorted(loss), [loss[i] for i in sorted(loss)], color='#282828', label='loss')
+    axes[0].set(title='training loss (mean over log_interval)', xlabel='iteration', yscale='log')
+    for ax, (key, name) in zip(axes[1:], (('i2t', 'image->text'), ('t2i', 'text->image'))):
+        for k, colour in ((1, 'tab:red'), (5, 'tab:blue'), (10, 'tab:green')):
+            ax.plot(sorted(val), [val[i][key][f'r{k}'] for i in sorted(val)], 'o-', color=colour, label=f'R@{k}', ms=3)
+        ax.set(title=f'validation {name} recall (%)', xlabel='iteration', ylim=(0, 100))
+        ax.legend(loc='lower right', fontsize='small')
+    with atomic_open(png_path) as f:
+        figure.savefig(f, format='png')
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+class StopRequests:
+    """SIGINT / SIGTERM while training: the loop stops at the next iteration boundary and saves
+    last.pt. A second Ctrl-C stops at once (all writes are atomic, so nothing is torn)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self, iteration, world, dev):
+        """Whether to stop here; under torchrun all ranks agree, every log_interval iterations."""
+        if world > 1 and iteration % log_interval:
+            return False
+        return any_rank(self.signum is not None, dev)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def setup_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU slot with gloo.
+    Returns (rank, world_size, device); a plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    dev = pick_device(device_name)
+    if world == 1:
+        return 0, 1, dev
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(dev)
+    dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world, dev
+
+
+def broadcast_weights(model):
+    """Every rank starts from rank 0's initial weights."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def gather(x):
+    """Every rank's rows in rank order, with gradients flowing back to the rank that owns them,
+    so that each query is contrasted with the whole global batch, not only its own shard."""
+    if not dist.is_initialized():
+        return x
+    with warnings.catch_warnings():  # torch 2.14 calls it deprecated; it is still the autograd-aware gather
+        warnings.simplefilter('ignore', FutureWarning)
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
+def average_gradients(model):
+    """Every rank computed the same global loss, and the all_gather backward summed the world's
+    identical copies of each embedding gradient: summing the parameter gradients over ranks and
+    dividing by the world size gives exactly the single-process gradient of the global batch."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def any_rank(flag, dev):
+    """True on every rank when it is True on any: ranks must agree before leaving the loop."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 if __name__ == '__main__':

@@ -136,6 +136,35 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def lock_folder(folder, name, program, what):
+    """One writer per folder: a second prep.py into a dataset, or train.py into a run folder,
+    stops at once instead of mixing its files with the first one's. The lock (an flock on
+    folder/name, which holds the owner's process id) lasts as long as the returned file is open."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one writer at a time is then up to the user
+        return None
+    path = os.path.join(folder, name)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, 'a+')
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        raise UserError(f"{folder}: another {program} is writing this {what} right now ({path} is locked"
+                        f"{f' by process {owner}' if owner.isdigit() else ''}); wait for it to finish, or use another "
+                        f"folder") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def write_json(path, obj):
     with atomic_open(path, 'w') as f:
         json.dump(obj, f, indent=1)
@@ -258,15 +287,25 @@ def encode_captions(captions, vocab):
 
 
 @torch.no_grad()
-def embed_split(model, feats, captions, vocab, device, batch_size=1024):
-    """Embed a split's images (N, D features) and captions (token strings) in batches."""
+def encode_text(model, vocab, texts, tokenized=False, batch_size=1024):
+    """Sentences -> their embeddings (n, embed_dim). Raw text is tokenized as prep.py tokenizes
+    it; words the training captions did not have become <unk>."""
+    captions = list(texts) if tokenized else [' '.join(tokenize(t)) for t in texts]
+    for text, words in zip(texts, captions):
+        if not words.strip():
+            raise UserError(f"query {text!r}: no words in it (letters and digits are what counts)")
+    dev = next(model.parameters()).device
     tokens, lengths = encode_captions(captions, vocab)
-    images = [model.encode_images(torch.from_numpy(np.ascontiguousarray(feats[i:i + batch_size])).to(device))
-              for i in range(0, len(feats), batch_size)]
-    caps = [model.encode_captions(tokens[i:i + batch_size, :int(lengths[i:i + batch_size].max())].to(device),
-                                  lengths[i:i + batch_size])
-            for i in range(0, len(tokens), batch_size)]
-    return torch.cat(images), torch.cat(caps)
+    return torch.cat([model.encode_captions(tokens[i:i + batch_size, :int(lengths[i:i + batch_size].max())].to(dev),
+                                            lengths[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def encode_images(model, feats, batch_size=1024):
+    """Image features (N, D), rows L2-normalized as prep.py writes them -> embeddings (N, embed_dim)."""
+    dev = next(model.parameters()).device
+    feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+    return torch.cat([model.encode_images(feats[i:i + batch_size].to(dev)) for i in range(0, len(feats), batch_size)])
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import gallery
 import prep
 from conftest import assert_user_error, run_script
 from utils import load_meta, load_split
@@ -85,15 +86,15 @@ def test_text_gallery_draws_search_order_and_outlines_ground_truth(run, syntheti
     _, indices = ev.search(model, ev.encode_images(model, feats),
                            ev.encode_text(model, vocab, [captions[j] for j in picks], tokenized=True), k=10)
     picture = Image.open(out).convert('RGB')
-    assert picture.size == (2 * ev.MARGIN + 10 * ev.THUMB + 9 * ev.GAP, ev.HEADER + 4 * ev.text_row_height())
+    assert picture.size == (2 * gallery.MARGIN + 10 * gallery.THUMB + 9 * gallery.GAP, gallery.HEADER + 4 * gallery.text_row_height())
     folder = os.path.join(synthetic_dir, 'images')
     outlined = 0
     for row, (j, ranked) in enumerate(zip(picks, indices.tolist())):
         for rank, i in enumerate(ranked):
-            box = ev.thumb_box(row, rank)
-            assert (pixels(picture, box) == np.asarray(ev.thumbnail(os.path.join(folder, files[i])))).all(), (row, rank)
+            box = gallery.thumb_box(row, rank)
+            assert (pixels(picture, box) == np.asarray(gallery.thumbnail(os.path.join(folder, files[i])))).all(), (row, rank)
             frame = picture.getpixel((box[0] - 2, (box[1] + box[3]) // 2))
-            assert frame == (ev.GROUND_TRUTH if i == j // 5 else (255, 255, 255)), (row, rank, frame)
+            assert frame == (gallery.GROUND_TRUTH if i == j // 5 else (255, 255, 255)), (row, rank, frame)
             outlined += i == j // 5
     assert outlined >= 1  # a trained model finds some of them
 
@@ -106,16 +107,16 @@ def test_image_gallery_lists_search_order_and_marks_ground_truth(run, synthetic_
     _, indices = ev.search(model, ev.encode_images(model, feats[picks]),
                            ev.encode_text(model, vocab, captions, tokenized=True), k=8, by='image')
     picture = Image.open(out).convert('RGB')
-    assert picture.size[1] == ev.HEADER + 2 * ev.image_row_height(8)
+    assert picture.size[1] == gallery.HEADER + 2 * gallery.image_row_height(8)
     marked = 0
     for row, (i, ranked) in enumerate(zip(picks, indices.tolist())):
-        query = (ev.MARGIN, ev.HEADER + row * ev.image_row_height(8))
-        expected = np.asarray(ev.thumbnail(os.path.join(synthetic_dir, 'images', files[i]), 2 * ev.THUMB))
-        assert (pixels(picture, (*query, query[0] + 2 * ev.THUMB, query[1] + 2 * ev.THUMB)) == expected).all()
+        query = (gallery.MARGIN, gallery.HEADER + row * gallery.image_row_height(8))
+        expected = np.asarray(gallery.thumbnail(os.path.join(synthetic_dir, 'images', files[i]), 2 * gallery.THUMB))
+        assert (pixels(picture, (*query, query[0] + 2 * gallery.THUMB, query[1] + 2 * gallery.THUMB)) == expected).all()
         for rank, j in enumerate(ranked):
-            box = ev.caption_box(row, 8, rank)
+            box = gallery.caption_box(row, 8, rank)
             mark = picture.getpixel((box[0] + 2, box[1] + 4))
-            assert mark == (ev.GROUND_TRUTH if j // 5 == i else (255, 255, 255)), (row, rank, mark)
+            assert mark == (gallery.GROUND_TRUTH if j // 5 == i else (255, 255, 255)), (row, rank, mark)
             assert captions[j] in proc.stdout
             marked += j // 5 == i
     assert marked >= 1
@@ -232,7 +233,7 @@ def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
     proc = run_script('eval.py', f'--out_dir={out}', f'--image={query}', '--k=15', f'--gallery={gallery}')
     marked = [line for line in proc.stdout.splitlines() if line[5:6] == '*']
     assert sorted(line.split(None, 3)[3] for line in marked) == sorted(captions[5:10])   # all 15 listed, its 5 marked
-    assert Image.open(gallery).size[1] == ev.HEADER + ev.image_row_height(15)
+    assert Image.open(gallery).size[1] == gallery.HEADER + gallery.image_row_height(15)
 
 
 def test_curves_survive_a_torn_log_line(tmp_path):
