@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
+from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
 from utils import (ImageFiles, UserError, build_backbone, extract_features, parse_config, pick_device, read_for_torch,
                    resolve_decode, retrieval_ranks, run_main, tensor_crops, write_json)
 
@@ -148,10 +149,6 @@ def bench_train(s, dev, gen):
     return result
 
 
-def broadcast_order_scores(images, captions):
-    return -(captions[None] - images[:, None]).clamp(min=0).pow(2).sum(-1)
-
-
 def naive_train(s, cfg, feats, tokens, lengths, batches, dev):
     """Seconds for len(batches) steps the way the seed code and the reference code did them."""
     feats_np, tokens_np, lengths_np = feats.cpu().numpy(), tokens.cpu().numpy(), lengths.numpy()
@@ -181,10 +178,10 @@ def naive_train(s, cfg, feats, tokens, lengths, batches, dev):
 
 def naive_step(model, optimizer, features, captions, cfg):
     """One training step the plain way: each caption (a 1-d tensor of token ids) through the GRU
-    on its own, the broadcast for order scores. The tests hold train.train_step to it."""
+    on its own, the broadcast for order scores."""
     images = model.encode_images(features)
     hidden = [model.gru(model.word_embed(c)[None])[1][0] for c in captions]
-    captions = model._finish(torch.cat(hidden))
+    captions = model.normalize_embedding(torch.cat(hidden))
     loss = contrastive_loss(broadcast_order_scores(images, captions), cfg.margin, cfg.max_violation)
     optimizer.zero_grad()
     loss.backward()

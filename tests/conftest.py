@@ -1,3 +1,7 @@
+"""Shared test helpers: running the scripts as a user would, their error lines, small random
+batches; the oracles the fast code is held to (naive_step, reference_ranks) and input makers
+(image_dataset); a synthetic dataset, and a Flickr8k stand-in served on 127.0.0.1."""
+import json
 import os
 import re
 import subprocess
@@ -37,6 +41,55 @@ def caption_batch(n_images, n_captions, length=9, vocab=30, feature_dim=24):
     lengths = torch.randint(1, length + 1, (n_captions,))
     tokens = torch.randint(2, vocab, (n_captions, length)) * (torch.arange(length)[None] < lengths[:, None])
     return feats, tokens, lengths
+
+
+# ----------------------------------------------------------------------------- oracles
+# Plain computations that the tests hold the project's fast code to; written here, not taken
+# from the code under test (nor from bench.py, whose baselines are timed, not trusted).
+
+def naive_step(model, optimizer, features, captions, cfg):
+    """One training step written the plain way, for order scores: each caption (a 1-d tensor of
+    token ids) through the GRU on its own, unit length and abs() by hand, model.order_scores
+    (the broadcast), the hinge loss, clip, and the optimizer's step. Returns the loss."""
+    import torch
+    from model import contrastive_loss, order_scores
+    images = model.encode_images(features)
+    hidden = torch.cat([model.gru(model.word_embed(c)[None])[1][0] for c in captions])
+    captions = torch.nn.functional.normalize(hidden.float(), dim=1).abs()
+    loss = contrastive_loss(order_scores(images, captions), cfg.margin, cfg.max_violation)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
+    optimizer.step()
+    return loss.detach()
+
+
+def reference_ranks(scores):
+    """The field's definitions written the plain way (as in the VSE++ evaluation code), with
+    ties broken against the ground truth."""
+    import numpy as np
+    s = np.asarray(scores, dtype=np.float64)
+    n = s.shape[0]
+    i2t, t2i = np.zeros(n, int), np.zeros(5 * n, int)
+    for i in range(n):
+        order = sorted(range(5 * n), key=lambda j: (-s[i, j], j // 5 == i))  # a tie goes against the truth
+        i2t[i] = min(order.index(j) for j in range(5 * i, 5 * i + 5))
+    for j in range(5 * n):
+        order = sorted(range(n), key=lambda i: (-s[i, j], i == j // 5))
+        t2i[j] = order.index(j // 5)
+    return i2t, t2i
+
+
+def image_dataset(folder, splits, seed=0):
+    """dataset.json (Karpathy's format) and images/ for dataset 'x' in folder."""
+    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
+    images = []
+    for i, split in enumerate(splits):
+        draw_image(os.path.join(folder, 'images', f'{i}.jpg'), seed + i)
+        images.append({'filename': f'{i}.jpg', 'split': split, 'sentences': [
+            {'tokens': ['a', 'picture', 'number', str(i), 'take', str(k)]} for k in range(5)]})
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'images': images}, f)
 
 
 @pytest.fixture(scope='session')

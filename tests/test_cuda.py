@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import train
-from bench import broadcast_order_scores, naive_step
-from conftest import caption_batch, run_script
-from model import JointEmbedding, score_matrix, triton_order_scores
+from conftest import caption_batch, naive_step, run_script
+from kernels import score_matrix, triton_order_scores
+from model import JointEmbedding, order_scores
 from utils import retrieval_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -27,10 +27,10 @@ def embeddings(n, dim, seed, device):
 
 
 @pytest.mark.parametrize('n_images,n_captions,dim', [(70, 150, 33), (1, 1, 1), (129, 3, 1024), (64, 128, 16)])
-def test_triton_kernel_equals_broadcast(n_images, n_captions, dim):
+def test_triton_kernel_equals_the_plain_form(n_images, n_captions, dim):
     g = torch.Generator().manual_seed(dim)
     images, captions = torch.rand(n_images, dim, generator=g), torch.rand(n_captions, dim, generator=g)
-    expected = broadcast_order_scores(images.double(), captions.double()).float()
+    expected = order_scores(images.double(), captions.double()).float()
     got = triton_order_scores(images.cuda(), captions.cuda()).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 

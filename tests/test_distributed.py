@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, run_script
+from conftest import ROOT, image_dataset, run_script
 
 CASES = [SimpleNamespace(measure='order', margin=0.05, max_violation=False, dtype='float32'),
          SimpleNamespace(measure='order', margin=0.05, max_violation=True, dtype='float32'),
@@ -88,7 +88,6 @@ def test_torchrun_trains_resumes_and_evaluates(synthetic_dir, tmp_path):
 
 
 def test_torchrun_extraction_equals_one_process(tmp_path):
-    from test_extract import image_dataset
     splits = ['train'] * 4 + ['val'] * 2 + ['test']      # 7 images: shards of whole batches, 4 + 3
     args = ['--dataset=x', '--weights=random', '--batch_size=2', '--workers=0']
     for name in ('one', 'two'):

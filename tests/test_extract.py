@@ -15,7 +15,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import ROOT, SHARED, assert_user_error, draw_image, run_script
+from conftest import ROOT, SHARED, assert_user_error, draw_image, image_dataset, run_script
 from utils import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, UserError, build_backbone, extract_features,
                    image_transform, read_with_pil)
 
@@ -126,18 +126,6 @@ def test_progress_records_name_only_bad_files_of_finished_rows(tmp_path, decode)
 
 
 # ----------------------------------------------------------------------------- through prep.py
-
-def image_dataset(folder, splits, seed=0):
-    """dataset.json (Karpathy's format) and images/ for dataset 'x' in folder."""
-    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
-    images = []
-    for i, split in enumerate(splits):
-        draw_image(os.path.join(folder, 'images', f'{i}.jpg'), seed + i)
-        images.append({'filename': f'{i}.jpg', 'split': split, 'sentences': [
-            {'tokens': ['a', 'picture', 'number', str(i), 'take', str(k)]} for k in range(5)]})
-    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-        json.dump({'images': images}, f)
-
 
 def test_killed_extraction_resumes_without_recomputing_and_gives_the_same_features(tmp_path):
     args = ['--dataset=x', '--weights=random', '--batch_size=1', '--workers=0']

@@ -2,22 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference_ranks
 from utils import recall_table, retrieval_metrics, retrieval_ranks
-
-
-def reference_ranks(scores):
-    """The field's definitions written the plain way (as in the VSE++ evaluation code), with
-    ties broken against the ground truth."""
-    s = np.asarray(scores, dtype=np.float64)
-    n = s.shape[0]
-    i2t, t2i = np.zeros(n, int), np.zeros(5 * n, int)
-    for i in range(n):
-        order = sorted(range(5 * n), key=lambda j: (-s[i, j], j // 5 == i))  # a tie goes against the truth
-        i2t[i] = min(order.index(j) for j in range(5 * i, 5 * i + 5))
-    for j in range(5 * n):
-        order = sorted(range(n), key=lambda i: (-s[i, j], i == j // 5))
-        t2i[j] = order.index(j // 5)
-    return i2t, t2i
 
 
 def test_perfect_scores_rank_first():

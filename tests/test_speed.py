@@ -1,4 +1,6 @@
-"""The fast paths against the straightforward computation, and bench.py end to end (tiny)."""
+"""The fast paths against the straightforward computation: kernels.py against model.py's
+plain order_scores (in float64), train.train_step against the plain step; bench.py end to end
+(tiny)."""
 import json
 import math
 import os
@@ -9,67 +11,81 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import kernels
 import train
-from bench import broadcast_order_scores, naive_step
-from conftest import ROOT, assert_user_error, caption_batch, run_script
-from model import JointEmbedding, order_scores, score_matrix
+from conftest import ROOT, assert_user_error, caption_batch, naive_step, run_script
+from kernels import compiled_order_scores, score_matrix, tiled_order_scores
+from model import JointEmbedding, order_scores, similarity
 from utils import UserError
 
 
-@pytest.mark.parametrize('n_images,n_captions,dim', [(32, 32, 48), (7, 19, 5)])
-def test_compiled_equals_tiled_equals_broadcast_with_gradients(n_images, n_captions, dim):
-    g = torch.Generator().manual_seed(dim)
-    images = torch.rand(n_images, dim, generator=g)
-    captions = torch.rand(n_captions, dim, generator=g)
+def assert_equals_the_plain_form(fast_order_scores, n_images, n_captions, dim):
+    """fast_order_scores in float32, scores and gradients, against model.order_scores and its
+    autograd gradients in float64: equal to float32 rounding of sums of up to dim terms."""
+    g = torch.Generator().manual_seed(n_images * dim)
+    images, captions = torch.rand(n_images, dim, generator=g), torch.rand(n_captions, dim, generator=g)
     weights = torch.randn(n_images, n_captions, generator=g)
     results = []
-    for fn in (broadcast_order_scores, lambda i, c: order_scores(i, c), lambda i, c: order_scores(i, c, compiled=True)):
-        i, c = images.clone().requires_grad_(), captions.clone().requires_grad_()
-        s = fn(i, c)
-        results.append((s.detach(), *torch.autograd.grad((s * weights).sum(), (i, c))))
-    for fast in results[1:]:
-        for a, b in zip(fast, results[0]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for fn, dtype in ((order_scores, torch.float64), (fast_order_scores, torch.float32)):
+        i, c = images.to(dtype).requires_grad_(), captions.to(dtype).requires_grad_()
+        scores = fn(i, c)
+        assert scores.dtype == dtype
+        results.append((scores.detach(), *torch.autograd.grad((scores * weights.to(dtype)).sum(), (i, c))))
+    (ref, *ref_grads), (fast, *fast_grads) = results
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_score_matrix_pads_blocks_and_matches_broadcast():
+@pytest.mark.parametrize('n_images,n_captions,dim', [(128, 128, 1024), (7, 33, 5), (3, 300, 1024), (130, 2, 64)])
+def test_tiled_order_scores_equal_the_plain_form_with_gradients(n_images, n_captions, dim):
+    # at dim 1,024 a CPU tile is one image by 128 captions: several tiles, the last one partial at 300
+    assert_equals_the_plain_form(tiled_order_scores, n_images, n_captions, dim)
+
+
+@pytest.mark.parametrize('n_images,n_captions,dim', [(32, 32, 48), (7, 19, 5)])
+def test_compiled_order_scores_equal_the_plain_form_with_gradients(n_images, n_captions, dim):
+    assert_equals_the_plain_form(compiled_order_scores, n_images, n_captions, dim)
+
+
+def test_score_matrix_pads_blocks_and_matches_the_plain_form():
     # more than one (1,024 x 512) block in each direction, neither a multiple of it
     g = torch.Generator().manual_seed(1)
     images, captions = torch.rand(1030, 6, generator=g), torch.rand(515, 6, generator=g)
-    ref = broadcast_order_scores(images, captions)
-    torch.testing.assert_close(score_matrix(images, captions, 'order', compiled=True), ref)
-    torch.testing.assert_close(score_matrix(images, captions, 'order', compiled=False, chunk_elements=1000), ref)
+    ref = order_scores(images.double(), captions.double()).float()
+    for compiled, chunk_elements in ((True, 2 ** 26), (False, 1000)):
+        got = score_matrix(images, captions, 'order', compiled=compiled, chunk_elements=chunk_elements)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # the same matrix product as cosine_scores (bit-identical by construction; checked with tolerance all the same)
     torch.testing.assert_close(score_matrix(images, captions, 'cosine', compiled=True), images @ captions.t())
 
 
 def test_a_kernel_that_cannot_be_built_is_one_clear_error(monkeypatch):
-    import model
-
     def no_compiler(fn, **kwargs):
         def fail(*args):
             raise RuntimeError("InductorError: CppCompileError: no C++ compiler 'g++' found\nmore lines")
         return fail
     monkeypatch.setattr(torch, 'compile', no_compiler)
-    monkeypatch.setattr(model, '_compiled', {})
+    monkeypatch.setattr(kernels, 'compiled_kernels', {})
     with pytest.raises(UserError) as e:
-        order_scores(torch.rand(3, 4), torch.rand(5, 4), compiled=True)
+        similarity(torch.rand(3, 4), torch.rand(5, 4), 'order', compiled=True)
     assert str(e.value) == ("torch.compile could not build the order-score kernel (RuntimeError: InductorError: "
                             "CppCompileError: no C++ compiler 'g++' found); pass --compile=False to use the plain PyTorch path")
 
 
-def test_triton_order_kernel_equals_broadcast_in_the_interpreter():
+def test_triton_order_kernel_equals_the_plain_form_in_the_interpreter():
     """The CUDA ranking kernel, run by Triton's CPU interpreter: partial tiles in both
     directions, a single pair, one dimension, inputs that are not contiguous."""
     pytest.importorskip('triton')
     code = """
 import torch
-from bench import broadcast_order_scores
-from model import triton_order_scores
+from kernels import triton_order_scores
+from model import order_scores
 g = torch.Generator().manual_seed(0)
 for n_images, n_captions, dim in ((70, 150, 33), (1, 1, 1), (130, 3, 7), (64, 128, 16)):
     images, captions = torch.rand(n_images, dim, generator=g), torch.rand(dim, n_captions, generator=g).t()
     got = triton_order_scores(images, captions)
-    torch.testing.assert_close(got, broadcast_order_scores(images, captions), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, order_scores(images.double(), captions.double()).float(), rtol=1e-5, atol=1e-5)
     assert (got <= 0).all() and got.shape == (n_images, n_captions)
 print('ok')
 """
