@@ -229,11 +229,11 @@ def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
     # and with the decoder meta.json names: decode_jpeg's resize rounds differently from PIL's
     other = ev.image_features([query], {**meta, 'decode': 'torch'}, torch.device('cpu'))
     assert meta['decode'] == 'pil' and 0 < np.abs(other[0] - feats[1]).max() and other[0] @ feats[1] > 0.99
-    gallery = tmp_path / 'image.png'
-    proc = run_script('eval.py', f'--out_dir={out}', f'--image={query}', '--k=15', f'--gallery={gallery}')
+    picture_path = tmp_path / 'image.png'
+    proc = run_script('eval.py', f'--out_dir={out}', f'--image={query}', '--k=15', f'--gallery={picture_path}')
     marked = [line for line in proc.stdout.splitlines() if line[5:6] == '*']
     assert sorted(line.split(None, 3)[3] for line in marked) == sorted(captions[5:10])   # all 15 listed, its 5 marked
-    assert Image.open(gallery).size[1] == gallery.HEADER + gallery.image_row_height(15)
+    assert Image.open(picture_path).size[1] == gallery.HEADER + gallery.image_row_height(15)
 
 
 def test_curves_survive_a_torn_log_line(tmp_path):
