@@ -1,6 +1,7 @@
 """Prepare a dataset once into the arrays that train.py and eval.py read.
 
     python prep.py                                          # Flickr8k: download, VGG16 features, arrays
+    python prep.py --dataset=flickr30k                      # likewise Flickr30k, and COCO (docs/datasets.md)
     python prep.py --dataset=coco --images_dir=/data/coco --dataset_json=dataset_coco.json
     python prep.py --dataset=coco --features=feats.npy      # your own (N, D) features
     python prep.py --dataset=synthetic                      # offline, seconds; for trying things out
@@ -22,6 +23,7 @@ import shutil
 import numpy as np
 import torch
 
+from download import SOURCES, fetch, images_there
 from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
                    extract_features, lock_folder, parse_config, pick_device, read_json, resolve_decode, run_main, split_paths,
                    tokenize, write_json)
@@ -32,7 +34,7 @@ data_dir = ''             # default: data/<dataset>
 dataset_json = ''         # Karpathy-format json; default: <data_dir>/dataset.json
 features = ''             # an (N, D) .npy in dataset.json image order: used instead of vgg_feats.mat
 images_dir = ''           # default: data_dir/Flicker8k_Dataset (flickr8k), flickr30k-images, data_dir (coco), images
-mirror = ''               # flickr8k: fetch the zips from this base URL instead of the default source
+mirror = ''               # flickr8k, flickr30k, coco: fetch every file by its name from this base URL instead of its source
 cnn = 'vgg16'             # feature extractor: vgg16 | vgg19 | resnet152 | efficientnet_lite0 (pip extra)
 crops = 1                 # 1: resize 256, center crop 224; 10: mean over the 10 crops (the paper's)
 weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PATH to a state_dict | random (tests only)
@@ -196,168 +198,6 @@ def write_staged(staging, images, feats, meta):
 def lock_dataset(folder):
     """Only one prep.py writes a dataset at a time (utils.lock_folder)."""
     return lock_folder(folder, '.prep.lock', 'prep.py', 'dataset')
-
-
-# ----------------------------------------------------------------------------- Flickr8k download
-# The two zips today's tutorials use: the Flickr8k release assets of github.com/jbrownlee/Datasets.
-# (size in bytes, SHA-256) where published; None where not yet recorded: then the SHA-256 seen is
-# printed, for the user to compare, and kept in meta.json either way.
-FLICKR8K_URL = 'https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/'
-FLICKR8K_ZIPS = {
-    'Flickr8k_Dataset.zip': (None, None),   # images under the misspelled folder Flicker8k_Dataset/
-    'Flickr8k_text.zip': (None, None),      # Flickr8k.token.txt and the official 6,000/1,000/1,000 split
-}
-
-
-def download(url, path, size=None, sha256=None):
-    """Fetch url into path with a progress bar; returns the file's SHA-256. A partial download
-    (path.part) resumes with an HTTP Range request; a server that answers 200 instead sends
-    the whole file, which then starts over. A file already at `path` is not fetched again."""
-    import hashlib
-    import urllib.error
-    import urllib.request
-    from tqdm import tqdm
-    name = os.path.basename(path)
-    sha = hashlib.sha256()
-    if os.path.exists(path):
-        with open(path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                sha.update(chunk)
-    else:
-        part = path + '.part'
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        headers = {'Range': f'bytes={have}-'} if have else {}
-        try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # the part is no prefix of what the server has: start over
-                os.remove(part)
-                return download(url, path, size, sha256)
-            raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network or use --mirror=BASE_URL") from None
-        with response:
-            if response.status != 206:
-                have = 0  # the server ignored the Range: it sends everything, from the start
-            if have:
-                with open(part, 'rb') as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b''):
-                        sha.update(chunk)
-            length = response.headers.get('Content-Length')
-            total = have + int(length) if length else None
-            with open(part, 'ab' if have else 'wb') as f, \
-                    tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name) as bar:
-                try:
-                    for chunk in iter(lambda: response.read(1 << 20), b''):
-                        f.write(chunk)
-                        sha.update(chunk)
-                        bar.update(len(chunk))
-                except OSError as e:
-                    raise UserError(f"{url}: download interrupted ({e}); run prep.py again to resume") from None
-        if total is not None and os.path.getsize(part) != total:
-            raise UserError(f"{url}: download stopped at {os.path.getsize(part)} of {total} bytes; run prep.py again to resume")
-        os.replace(part, path)
-    digest = sha.hexdigest()
-    if size is not None and os.path.getsize(path) != size or sha256 is not None and digest != sha256:
-        raise UserError(f"{path}: {os.path.getsize(path)} bytes, SHA-256 {digest}; expected {size} bytes, "
-                        f"SHA-256 {sha256}; delete it and run prep.py again")
-    if sha256 is None:
-        print(f"{name}: SHA-256 {digest} ({os.path.getsize(path)} bytes; no published checksum to compare with)")
-    return digest
-
-
-def safe_members(zf, zip_path):
-    """The members of an open zip to extract: everything but macOS's __MACOSX/ and ._ files.
-    A member that would land outside the target folder (.., an absolute path: zip-slip) or
-    that is a symbolic link is refused, before anything is written."""
-    members = []
-    for info in zf.infolist():
-        name = info.filename
-        parts = name.replace('\\', '/').split('/')
-        if parts[0] == '__MACOSX' or parts[-1].startswith('._'):
-            continue
-        if name.startswith(('/', '\\')) or (len(name) > 1 and name[1] == ':') or '..' in parts:
-            raise UserError(f"{zip_path}: member {name!r} points outside the folder it is extracted to; refusing this zip")
-        if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise UserError(f"{zip_path}: member {name!r} is a symbolic link; refusing this zip")
-        members.append(info)
-    return members
-
-
-def extract_zip(zip_path, dest):
-    """Unzip safely into dest, once: a marker file records a finished extraction."""
-    import shutil
-    import zipfile
-    import zlib
-    from tqdm import tqdm
-    marker = os.path.join(dest, f'.{os.path.basename(zip_path)}.extracted')
-    if os.path.exists(marker):
-        return
-    corrupt = f"{zip_path}: not a complete zip file (truncated or corrupt download); delete it and run prep.py again"
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = safe_members(zf, zip_path)
-            for info in tqdm(members, desc=f'unzip {os.path.basename(zip_path)}', unit='file'):
-                target = os.path.join(dest, *info.filename.replace('\\', '/').split('/'))
-                if info.is_dir():
-                    os.makedirs(target, exist_ok=True)
-                    continue
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with zf.open(info) as src, open(target, 'wb') as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError):
-        raise UserError(corrupt) from None
-    write_json(marker, {'zip': zip_path, 'members': len(members)})
-
-
-def find_file(root, name):
-    for folder, _, files in os.walk(root):
-        if name in files and '__MACOSX' not in folder.split(os.sep):
-            return os.path.join(folder, name)
-    raise UserError(f"{root}: no {name} in the extracted Flickr8k_text.zip; delete the zip and the folder and run prep.py again")
-
-
-def flickr8k_json(text_dir):
-    """Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt -> Karpathy's dataset json
-    (dev is Karpathy's val; tokens lowercased, punctuation dropped)."""
-    captions = collections.defaultdict(list)
-    token_path = find_file(text_dir, 'Flickr8k.token.txt')
-    with open(token_path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            key, sep, raw = line.rstrip('\n').partition('\t')
-            if not sep or '#' not in key:
-                raise UserError(f"{token_path}: line {n} is not 'image.jpg#k<TAB>caption'")
-            captions[key.rsplit('#', 1)[0]].append(raw.strip())
-    images = []
-    for split, name in (('train', 'train'), ('val', 'dev'), ('test', 'test')):
-        split_path = find_file(text_dir, f'Flickr_8k.{name}Images.txt')
-        with open(split_path, encoding='utf-8') as f:
-            for filename in f.read().split():
-                if len(captions[filename]) < CAPS_PER_IMAGE:
-                    raise UserError(f"{token_path}: {len(captions[filename])} captions for {filename} "
-                                    f"(listed in {os.path.basename(split_path)}); expected {CAPS_PER_IMAGE}")
-                images.append({'filename': filename, 'split': split, 'imgid': len(images),
-                               'sentences': [{'raw': raw, 'tokens': tokenize(raw)} for raw in captions[filename]]})
-    return {'dataset': 'flickr8k', 'images': images}
-
-
-def fetch_flickr8k(out_dir):
-    """Download, verify and unzip Flickr8k; write out_dir/dataset.json unless there is one, and
-    out_dir/download.json: the URL, size and SHA-256 of each zip, for meta.json."""
-    base = mirror or FLICKR8K_URL
-    fetched = {}
-    for name, (size, sha256) in FLICKR8K_ZIPS.items():
-        path = os.path.join(out_dir, name)
-        url = base.rstrip('/') + '/' + name
-        # a mirror is the user's choice: the checksums of the default source do not apply to it
-        digest = download(url, path, *((None, None) if mirror else (size, sha256)))
-        extract_zip(path, out_dir if name == 'Flickr8k_Dataset.zip' else os.path.join(out_dir, 'text'))
-        fetched[name] = {'url': url, 'bytes': os.path.getsize(path), 'sha256': digest}
-    if not os.path.exists(os.path.join(out_dir, 'dataset.json')):  # e.g. Karpathy's own: kept
-        write_json(os.path.join(out_dir, 'dataset.json'), flickr8k_json(os.path.join(out_dir, 'text')))
-    write_json(os.path.join(out_dir, 'download.json'), fetched)
 
 
 # ----------------------------------------------------------------------------- features from images
@@ -587,10 +427,9 @@ def main(argv):
         check_cnn(cnn, crops)
         json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
         mat_path = os.path.join(out_dir, 'vgg_feats.mat')
-        images_missing = not features and not os.path.exists(mat_path) and not os.path.isdir(
-            images_dir or os.path.join(out_dir, WHERE_IMAGES['flickr8k'][0]))
-        if rank == 0 and dataset == 'flickr8k' and not dataset_json and (not os.path.exists(json_path) or images_missing):
-            fetch_flickr8k(out_dir)
+        if rank == 0 and dataset in SOURCES and not dataset_json and (not os.path.exists(json_path) or (
+                not features and not os.path.exists(mat_path) and not images_there(dataset, out_dir, images_dir))):
+            fetch(dataset, out_dir, mirror)
         wait_for_all_ranks()
         if not os.path.exists(json_path):
             raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "

@@ -126,6 +126,11 @@ def flickr8k_names(n_train=4, n_dev=2, n_test=2):
     return names[:n_train], names[n_train:n_train + n_dev], names[n_train + n_dev:]
 
 
+def random_caption(rng):
+    words = ['A'] + list(rng.choice(CAPTION_WORDS, size=3)) + [','] + list(rng.choice(CAPTION_WORDS, size=2)) + ['.']
+    return ' '.join(words)
+
+
 def make_flickr8k_zips(folder, splits=None, image_bytes=None):
     """Flickr8k_Dataset.zip (Flicker8k_Dataset/*.jpg, misspelled as in the real one, with
     __MACOSX/ entries) and Flickr8k_text.zip (Flickr8k.token.txt, the three split files).
@@ -147,12 +152,8 @@ def make_flickr8k_zips(folder, splits=None, image_bytes=None):
             zf.writestr(f'__MACOSX/Flicker8k_Dataset/._{name}', b'\x00\x05\x16\x07 mac resource fork')
     lines = []
     for name in train + dev + test:
-        captions[name] = []
-        for k in range(5):
-            words = ['A'] + list(rng.choice(CAPTION_WORDS, size=3)) + [','] + list(rng.choice(CAPTION_WORDS, size=2)) + ['.']
-            raw = ' '.join(words)
-            captions[name].append(raw)
-            lines.append(f'{name}#{k}\t{raw}\n')
+        captions[name] = [random_caption(rng) for _ in range(5)]
+        lines += [f'{name}#{k}\t{raw}\n' for k, raw in enumerate(captions[name])]
     lines.append('2258277193_586949ec62.jpg.1#0\tA stray line for an image in no split , as in the real file .\n')
     with zipfile.ZipFile(os.path.join(folder, 'Flickr8k_text.zip'), 'w') as zf:
         zf.writestr('Flickr8k.token.txt', ''.join(lines))
@@ -166,9 +167,10 @@ def make_flickr8k_zips(folder, splits=None, image_bytes=None):
 
 @pytest.fixture
 def file_server():
-    """serve(folder, ranges=True) -> base URL of a threaded HTTP server on 127.0.0.1; the
-    requests it answered are in serve.log as (path, Range header or None, status).
-    ranges=False answers every request with the whole file, as Python's http.server does."""
+    """serve(folder, ranges=True) -> base URL of a threaded HTTP server on 127.0.0.1; the GET
+    requests it answered are in serve.log as (path, Range header or None, status), the paths
+    of the HEAD requests in serve.heads. ranges=False answers every GET with the whole file,
+    as Python's http.server does."""
     import http.server
     import threading
     servers = []
@@ -193,6 +195,16 @@ def file_server():
                 self.end_headers()
                 self.wfile.write(data[start:])
 
+            def do_HEAD(self):  # a --mirror's sizes are asked before anything is fetched
+                path = os.path.join(folder, self.path.lstrip('/'))
+                serve.heads.append(self.path)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header('Content-Length', str(os.path.getsize(path)))
+                self.end_headers()
+
             def log_message(self, *args):
                 pass
 
@@ -201,8 +213,92 @@ def file_server():
         servers.append(server)
         return f'http://127.0.0.1:{server.server_address[1]}/'
 
-    serve.log = []
+    serve.log, serve.heads = [], []
     yield serve
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# ----------------------------------------------------------------------------- Flickr30k and COCO stand-ins
+# Files with the real ones' names and layout (download.py says where each fact comes from), a
+# handful of drawn images each: what a --mirror serves in place of Hugging Face and COCO's site.
+
+def zip_of_drawn_images(path, names, seed):
+    """A zip of JPEGs drawn at the given member names, with their folder entry first."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr(names[0].split('/')[0] + '/', b'')
+        for i, name in enumerate(names):
+            buffer = io.BytesIO()
+            draw_image(buffer, seed + i)
+            zf.writestr(name, buffer.getvalue())
+
+
+def make_flickr30k_files(folder, counts=None):
+    """nlphuji/flickr30k's two files: flickr30k-images.zip (flickr30k-images/<id>.jpg, and one photo
+    the table leaves out: the real zip has 31,783 photos, the table Karpathy's 31,014) and
+    flickr_annotations_30k.csv (raw, sentids, split, filename, img_id; raw and sentids as JSON).
+    counts: {split: images}. Returns the table's rows as dicts, raw decoded."""
+    import csv
+    import json
+    import numpy as np
+    counts = counts or {'train': 3, 'val': 2, 'test': 2}
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(30)
+    rows = []
+    for split, n in counts.items():
+        for _ in range(n):
+            i = len(rows)
+            raw = [random_caption(rng) for _ in range(5)]
+            raw[0] = f'A man says "hi" to {raw[0]}'  # quotes inside the JSON inside the CSV
+            rows.append({'raw': raw, 'sentids': list(range(5 * i, 5 * i + 5)), 'split': split,
+                         'filename': f'{1000092795 + 31 * i}.jpg', 'img_id': i})
+    names = [f"flickr30k-images/{row['filename']}" for row in rows] + ['flickr30k-images/999999999.jpg']
+    zip_of_drawn_images(os.path.join(folder, 'flickr30k-images.zip'), names, seed=300)
+    with open(os.path.join(folder, 'flickr_annotations_30k.csv'), 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=['raw', 'sentids', 'split', 'filename', 'img_id'])
+        writer.writeheader()
+        writer.writerows({**row, 'raw': json.dumps(row['raw']), 'sentids': json.dumps(row['sentids'])} for row in rows)
+    return rows
+
+
+COCO_PARQUET = {'train': 'train-00000-of-00001.parquet', 'restval': 'restval-00000-of-00001.parquet',
+                'val': 'validation-00000-of-00001.parquet', 'test': 'test-00000-of-00001.parquet'}
+
+
+def make_coco_files(folder, counts=None):
+    """COCO's train2014.zip (train2014/COCO_train2014_<12 digits>.jpg) and val2014.zip (val2014/...),
+    and yerevann/coco-karpathy's four Parquet files, one per Karpathy split, a row per image:
+    filepath, sentids, filename, imgid, split, sentences (raw captions), cocoid, url. Karpathy's
+    train images are in train2014, restval, val and test in val2014; one image has 6 captions,
+    as some of COCO's do. counts: {split: images}. Returns {split: rows}."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    counts = counts or {'train': 2, 'restval': 1, 'val': 2, 'test': 2}
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(2014)
+    tables, imgid = {}, 0
+    for split, n in counts.items():
+        rows = []
+        for _ in range(n):
+            cocoid = 9 + 7919 * imgid
+            filepath = 'train2014' if split == 'train' else 'val2014'
+            filename = f'COCO_{filepath}_{cocoid:012d}.jpg'
+            sentences = [random_caption(rng) for _ in range(6 if imgid == 1 else 5)]
+            rows.append({'filepath': filepath, 'sentids': list(range(7 * imgid, 7 * imgid + len(sentences))),
+                         'filename': filename, 'imgid': imgid, 'split': split, 'sentences': sentences,
+                         'cocoid': cocoid, 'url': f'http://images.cocodataset.org/{filepath}/{filename}'})
+            imgid += 1
+        tables[split] = rows
+    schema = pa.schema([('filepath', pa.string()), ('sentids', pa.list_(pa.int32())), ('filename', pa.string()),
+                        ('imgid', pa.int32()), ('split', pa.string()), ('sentences', pa.list_(pa.string())),
+                        ('cocoid', pa.int32()), ('url', pa.string())])
+    for split, rows in tables.items():
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(folder, COCO_PARQUET[split]))
+    for zip_name in ('train2014', 'val2014'):
+        names = [f"{r['filepath']}/{r['filename']}" for rows in tables.values() for r in rows if r['filepath'] == zip_name]
+        zip_of_drawn_images(os.path.join(folder, f'{zip_name}.zip'), names, seed=400 if zip_name == 'train2014' else 500)
+    return tables

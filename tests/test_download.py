@@ -1,5 +1,5 @@
-"""prep.py fetching Flickr8k: download with resume, checksums, safe unzip, the Karpathy json,
-and the whole road from a (local) download server to train.py and eval.py."""
+"""prep.py fetching Flickr8k (download.py): download with resume, checksums, safe unzip, the Karpathy
+json, and the whole road from a (local) download server to train.py and eval.py."""
 import hashlib
 import json
 import os
@@ -21,6 +21,7 @@ def test_fresh_flickr8k_from_mirror_then_train_and_eval(tmp_path, file_server):
     proc = run_script('prep.py', f'--mirror={url}', '--weights=random', f'--data_dir={data}', '--workers=2')
     assert 'warning: --weights=random' in proc.stdout
     assert sorted(p for p, _, _ in file_server.log) == ['/Flickr8k_Dataset.zip', '/Flickr8k_text.zip']
+    assert sorted(file_server.heads) == ['/Flickr8k_Dataset.zip', '/Flickr8k_text.zip']  # sizes, for the disk check
 
     meta = json.load(open(data / 'meta.json'))
     assert meta['splits'] == {'train': {'images': 2, 'captions': 10}, 'val': {'images': 1, 'captions': 5},
@@ -53,7 +54,7 @@ def test_fresh_flickr8k_from_mirror_then_train_and_eval(tmp_path, file_server):
 
 @pytest.mark.parametrize('ranges', [True, False])
 def test_download_resumes_a_partial_file(tmp_path, file_server, ranges):
-    from prep import download
+    from download import download
     payload = np.random.default_rng(0).bytes(300_000)
     (tmp_path / 'srv').mkdir()
     (tmp_path / 'srv' / 'big.zip').write_bytes(payload)
@@ -70,7 +71,7 @@ def test_download_resumes_a_partial_file(tmp_path, file_server, ranges):
 
 
 def test_recorded_checksum_mismatch_is_an_error(tmp_path, file_server):
-    from prep import download
+    from download import download
     (tmp_path / 'srv').mkdir()
     (tmp_path / 'srv' / 'a.zip').write_bytes(b'not what was published')
     url = file_server(tmp_path / 'srv')
@@ -94,7 +95,7 @@ def unsafe_zip(path, case):
 @pytest.mark.parametrize('case,fragment', [('slip', 'points outside'), ('absolute', 'points outside'),
                                            ('symlink', 'symbolic link')])
 def test_unsafe_zip_members_are_refused_before_anything_is_written(tmp_path, case, fragment):
-    from prep import extract_zip
+    from download import extract_zip
     unsafe_zip(tmp_path / 'bad.zip', case)
     dest = tmp_path / 'out' / 'inner'
     dest.mkdir(parents=True)
@@ -113,7 +114,7 @@ def test_truncated_download_is_one_clear_error(tmp_path, file_server):
 
 
 def test_missing_flickr8k_split_file_says_what_to_do(tmp_path):
-    from prep import flickr8k_json
+    from download import flickr8k_json
     (tmp_path / 'text').mkdir()
     (tmp_path / 'text' / 'Flickr8k.token.txt').write_text('a.jpg#0\tA dog .\n')
     with pytest.raises(UserError, match='no Flickr_8k.trainImages.txt'):

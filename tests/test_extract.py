@@ -185,7 +185,8 @@ def test_missing_images_say_what_to_put_where(tmp_path):
                       '1 of 3 images are missing', '1.jpg', '--skip_bad=True')
     (tmp_path / 'coco').mkdir()
     (tmp_path / 'dataset.json').rename(tmp_path / 'coco' / 'dataset.json')
-    assert_user_error(run_script('prep.py', '--dataset=coco', f'--data_dir={tmp_path / "coco"}', check=False),
+    assert_user_error(run_script('prep.py', '--dataset=coco', f'--data_dir={tmp_path / "coco"}',  # the json named: no download
+                                 f'--dataset_json={tmp_path / "coco" / "dataset.json"}', check=False),
                       'none of the 3 images', 'train2014/ and val2014/', '--images_dir=FOLDER', '--features=PATH.npy')
     assert_user_error(run_script('prep.py', '--cnn=alexnet', f'--data_dir={tmp_path / "coco"}', check=False), '--cnn=alexnet')
 
