@@ -16,7 +16,7 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   (subtract, clamp, multiply-add) at the device's fused multiply-add rate, measured by a matmul;
   naive: the broadcast in chunks of 2^26 elements.
 - extract: images/s from JPEG files to saved features through prep.py's extraction
-  (utils.extract_features with prep.py's decoder: --decode, default prep.py's 'auto', which is
+  (features.extract_features with prep.py's decoder: --decode, default prep.py's 'auto', which is
   decode_jpeg on the device (nvjpeg) on CUDA and PIL in the workers elsewhere), 1 and 10 crops,
   against the lower of VGG16's forward rate alone (random weights; the rate does not depend on
   them) and the decode rate alone of the decoder used: PIL's (decode only, one process) times
@@ -26,6 +26,9 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   naive: one image at a time through PIL and fp32.
 Prints one table and writes every figure to --out (JSON).
 """
+import contextlib
+import functools
+import io
 import os
 import tempfile
 import time
@@ -38,9 +41,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
+from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, build_backbone, default_batch_size, extract_features,
+                      read_for_torch, resolve_decode, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
-from utils import (ImageFiles, UserError, build_backbone, extract_features, parse_config, pick_device, read_for_torch,
-                   resolve_decode, retrieval_ranks, run_main, tensor_crops, write_json)
+from utils import UserError, parse_config, pick_device, retrieval_ranks, run_main, write_json
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
@@ -306,19 +310,16 @@ def draw_jpegs(folder, count, size, gen, unique=256):
 def pil_to_tensor(image, crop):
     from torchvision.transforms import functional as TF
     image = TF.center_crop(TF.resize(image, crop * 256 // 224), crop)
-    return TF.normalize(TF.to_tensor(image), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def bench_extract(s, dev, gen):
-    """prep.py's extraction (utils.extract_features with prep.py's batch size, workers and
+    """prep.py's extraction (features.extract_features with prep.py's batch size, workers and
     decoder) on JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not
     depend on them), the features saved as .npy as prep.py does."""
-    import contextlib
-    import io
-    from PIL import Image
     # on a GPU as many images as Flickr8k has, so that the workers' start-up weighs what it weighs in prep.py
     count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 16)
-    batch = prep.batch_size or (256 if dev.type == 'cuda' else 16)
+    batch = prep.batch_size or default_batch_size(dev)
     decoder = resolve_decode(decode, dev)
     with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
         net, _ = build_backbone('vgg16', 'random', dev)
@@ -326,51 +327,76 @@ def bench_extract(s, dev, gen):
               'workers': prep.workers, 'decoder': decoder}
     with tempfile.TemporaryDirectory() as folder:
         paths = draw_jpegs(folder, count, s['image_size'], gen)
+        saved = os.path.join(folder, 'features.npy')
         for crops, suffix in ((1, ''), (10, '_10crop')):
-            def ours():
-                feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
-                                         progress=False, decode=decoder)
-                np.save(os.path.join(folder, 'features.npy'), feats)
             extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False,
                              decode=decoder)  # warm-up
-            result['ours' + suffix] = count / timed(ours, dev)
+            run = functools.partial(extract_and_save, net, paths, crops, dev, batch, decoder, saved)
+            result['ours' + suffix] = count / timed(run, dev)
+        result.update(decode_rates(paths, dev, batch))
+        result['vgg16_forward'] = forward_rate(net, count, batch, dev)
+        naive_paths = paths[:min(count, 4)]
+        result['naive'] = len(naive_paths) / timed(functools.partial(naive_extract, naive_paths, fc7_network(dev), dev), dev)
+    result.update(extract_ceilings(result, decoder, batch, dev))
+    return result
 
-        def decode_pil():
-            for p in paths[:256]:
-                with Image.open(p) as im:
-                    im.convert('RGB').load()
-        result['decode_pil'] = min(count, 256) / timed(decode_pil, dev)
 
-        # decode='torch': the workers' part alone (reading the files' bytes and handing them to
-        # the main process), then the main process's (bytes to normalized crops on the device)
-        loader = torch.utils.data.DataLoader(ImageFiles(paths, read_for_torch, None), batch_size=batch,
-                                             num_workers=prep.workers, collate_fn=list)
-        result['read_torch'] = count / timed(lambda: [None for _ in loader], dev)
-        files = [read_for_torch(p) for p in paths]
-        for crops, suffix in ((1, ''), (10, '_10crop')):
-            def decode_torch():
-                for b in range(0, count, batch):
-                    tensor_crops(files[b:b + batch], [''] * len(files[b:b + batch]), 'vgg16', crops, dev)
-            decode_torch()   # warm-up: the decoder's start-up on the device
-            result['decode_torch' + suffix] = count / timed(decode_torch, dev)
+def extract_and_save(net, paths, crops, dev, batch, decoder, path):
+    feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
+                             progress=False, decode=decoder)
+    np.save(path, feats)
 
-        x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
-        if dev.type == 'cuda':       # as extract_features runs it
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
-            net(x)
-            passes = max(1, count // len(x))
-            result['vgg16_forward'] = passes * len(x) / timed(lambda: [net(x) for _ in range(passes)], dev)
 
-        naive_count = min(count, 4)
-        naive_net = fc7_network(dev)
+def decode_with_pil(paths):
+    from PIL import Image
+    for p in paths:
+        with Image.open(p) as im:
+            im.convert('RGB').load()
 
-        def naive():
-            with torch.no_grad():
-                for p in paths[:naive_count]:
-                    with Image.open(p) as im:
-                        naive_net(pil_to_tensor(im.convert('RGB'), 224)[None].to(dev)).cpu()
-        result['naive'] = naive_count / timed(naive, dev)
+
+def crops_with_torch(files, batch, crops, dev):
+    for b in range(0, len(files), batch):
+        tensor_crops(files[b:b + batch], [''] * len(files[b:b + batch]), 'vgg16', crops, dev)
+
+
+def decode_rates(paths, dev, batch):
+    """images/s of each decoder alone: PIL in one process (decode_pil); for decode='torch' the
+    workers' part (reading the files' bytes and handing them to the main process: read_torch),
+    then the main process's (bytes to normalized crops on the device: decode_torch)."""
+    count = len(paths)
+    rates = {'decode_pil': min(count, 256) / timed(functools.partial(decode_with_pil, paths[:256]), dev)}
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, read_for_torch, None), batch_size=batch,
+                                         num_workers=prep.workers, collate_fn=list)
+    rates['read_torch'] = count / timed(lambda: [None for _ in loader], dev)
+    files = [read_for_torch(p) for p in paths]
+    for crops, suffix in ((1, ''), (10, '_10crop')):
+        crops_with_torch(files, batch, crops, dev)   # warm-up: the decoder's start-up on the device
+        rates['decode_torch' + suffix] = count / timed(functools.partial(crops_with_torch, files, batch, crops, dev), dev)
+    return rates
+
+
+def forward_rate(net, count, batch, dev):
+    """images/s of the network alone on random batches, run as extract_features runs it."""
+    x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
+    if dev.type == 'cuda':
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+        net(x)
+        passes = max(1, count // len(x))
+        return passes * len(x) / timed(lambda: [net(x) for _ in range(passes)], dev)
+
+
+def naive_extract(paths, net, dev):
+    """One image at a time through PIL and the float32 network."""
+    from PIL import Image
+    with torch.no_grad():
+        for p in paths:
+            with Image.open(p) as im:
+                net(pil_to_tensor(im.convert('RGB'), 224)[None].to(dev)).cpu()
+
+
+def extract_ceilings(result, decoder, batch, dev):
+    """The lower of the network's rate and the decoder's, for 1 and 10 crops, and how close ours comes."""
     if decoder == 'pil':
         # one process's rate; prep.py decodes in `workers` processes alongside the network
         decoders = max(1, min(prep.workers, os.cpu_count() or 1))
@@ -379,13 +405,12 @@ def bench_extract(s, dev, gen):
     else:
         decode_ceiling, decode_ceiling_10crop = result['decode_torch'], result['decode_torch_10crop']
         how = f"decode_jpeg on {dev.type} of batches of {batch} files' bytes plus resize and crops (decode_torch)"
-    result['ceiling'] = min(result['vgg16_forward'], decode_ceiling)
-    result['ceiling_10crop'] = min(result['vgg16_forward'] / 10, decode_ceiling_10crop)
-    result['ratio'] = result['ours'] / result['ceiling']
-    result['ratio_10crop'] = result['ours_10crop'] / result['ceiling_10crop']
-    result['note'] = (f"decoder {decoder}; ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction "
-                      f"runs it) and {how}")
-    return result
+    ceilings = {'ceiling': min(result['vgg16_forward'], decode_ceiling),
+                'ceiling_10crop': min(result['vgg16_forward'] / 10, decode_ceiling_10crop)}
+    return {**ceilings, 'ratio': result['ours'] / ceilings['ceiling'],
+            'ratio_10crop': result['ours_10crop'] / ceilings['ceiling_10crop'],
+            'note': (f"decoder {decoder}; ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction "
+                     f"runs it) and {how}")}
 
 
 def fc7_network(dev):

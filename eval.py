@@ -92,7 +92,7 @@ def image_features(paths, meta, dev):
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
                         "prepared from its images (prep.py --images_dir=...)")
-    from utils import build_backbone, extract_features
+    from features import build_backbone, extract_features
     backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev)
     # the dataset's decoder too: PIL and decode_jpeg agree only to rounding (older datasets: PIL)
     feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False,

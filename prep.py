@@ -16,7 +16,6 @@ L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5
 last, so that a dataset with a meta.json is complete.
 """
 import collections
-import glob
 import os
 import shutil
 
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from utils import (CAPS_PER_IMAGE, CNN_DIMS, PAD, UNK, UserError, atomic_open, build_backbone, check_cnn,
-                   extract_features, lock_folder, parse_config, pick_device, read_json, resolve_decode, run_main, split_paths,
-                   tokenize, write_json)
+from features import (check_cnn, default_batch_size, extract_dataset, resolve_decode, setup_ranks,
+                      wait_for_all_ranks)
+from utils import (CAPS_PER_IMAGE, PAD, UNK, UserError, atomic_open, lock_folder, parse_config, pick_device, read_json,
+                   run_main, split_paths, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -208,36 +208,12 @@ WHERE_IMAGES = {  # what a user puts where, and where it is published
 }
 
 
-def image_paths(images, folder):
-    return [os.path.join(folder, im['file']) for im in images]
-
-
-def setup_ranks():
-    """Under torchrun the processes share the feature extraction: (rank, world size).
-    gloo only coordinates (barriers); the features go straight into one shared .npy file."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1:
-        return 0, 1
-    import datetime
-    import torch.distributed as dist
-    dist.init_process_group('gloo', timeout=datetime.timedelta(hours=24))  # rank 0 may be downloading meanwhile
-    return dist.get_rank(), world
-
-
-def wait_for_all_ranks():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def image_features(images, out_dir, rank=0, world=1):
-    """Extract features of every image of the dataset json into out_dir/features_<cnn>_<crops>crop.npy,
-    resuming a run that was interrupted. Returns (features, bad, where): bad lists (index, path, reason).
-    Under torchrun each rank fills its own shard of rows and only rank 0 returns the result."""
-    import hashlib
+def find_images(images, out_dir):
+    """The folder that holds the dataset json's images, or a UserError that says what to put
+    where when none or (without --skip_bad) some of them are missing."""
     folder, what = WHERE_IMAGES.get(dataset, ('images', 'the images named in the dataset json'))
     folder = images_dir or os.path.join(out_dir, folder)
-    paths = image_paths(images, folder)
+    paths = [os.path.join(folder, im['file']) for im in images]
     missing = [p for p in paths if not os.path.exists(p)]
     if not os.path.isdir(folder) or len(missing) == len(paths):
         raise UserError(f"{folder}: none of the {len(paths)} images of the dataset json are there (e.g. {missing[0]}); "
@@ -246,56 +222,30 @@ def image_features(images, out_dir, rank=0, world=1):
     if missing and not skip_bad:
         raise UserError(f"{folder}: {len(missing)} of {len(paths)} images are missing ({', '.join(missing[:5])}"
                         f"{', ...' if len(missing) > 5 else ''}); put them there, or pass --skip_bad=True to drop them and their captions")
+    return folder
+
+
+def image_features(images, out_dir, rank=0, world=1):
+    """Extract features of every image of the dataset json into out_dir/features_<cnn>_<crops>crop.npy,
+    resuming a run that was interrupted. Returns (features, bad, extraction): bad lists (index,
+    path, reason); extraction is what meta.json records of it. Under torchrun each rank fills
+    its own shard of rows and only rank 0 returns the result."""
+    folder = find_images(images, out_dir)
     dev = pick_device(device)
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-    batch = batch_size or (256 if dev.type == 'cuda' else 16)
     decoder = resolve_decode(decode, dev)
     feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
-    # A run continues an earlier one only if everything that decides the numbers is the same
-    # (the two decoders agree only to rounding: one file's rows never mix them).
-    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'decode': decoder, 'batch_size': batch, 'images': len(paths),
-           'files': hashlib.sha256('\n'.join(im['file'] for im in images).encode()).hexdigest()}
-    job_path = feats_path + '.job.json'
-    # Shards are whole batches, so every image meets the same batch as in a single process and
-    # the features are bit for bit those of one process.
-    n = len(paths)
-    step = -(-n // (world * batch)) * batch
-    lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
-    progress_path = feats_path + ('.progress.json' if world == 1 else f'.progress-{rank}-of-{world}.json')
-    valid = os.path.exists(feats_path) and os.path.exists(job_path) and read_json(job_path) == job
-    state = read_json(progress_path) if valid and os.path.exists(progress_path) else {}
-    start, bad = (state['done'], [tuple(b) for b in state['bad']]) if state.get('rows') == [lo, hi] else (lo, [])
-    backbone = build_backbone(cnn, weights, dev)[0] if start < hi else None  # fails before any file is written
-    wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
-    if rank == 0 and not valid:
-        for old in glob.glob(glob.escape(feats_path) + '.progress*.json'):
-            os.remove(old)
-        np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=(n, CNN_DIMS[cnn])).flush()
-        write_json(job_path, job)
-    wait_for_all_ranks()
-    out = np.lib.format.open_memmap(feats_path, mode='r+')
-    if start > lo and start < hi:
-        print(f"{feats_path}: resuming at image {start} of {n}" + (f" (rank {rank}: {lo}..{hi})" if world > 1 else ''))
-
-    def record(done):  # the rows reach the disk before the record that says they are done
-        out.flush()
-        write_json(progress_path, {'job': job, 'rows': [lo, hi], 'done': done, 'bad': bad})
-
-    record(start)
-    if backbone is not None:
-        extract_features(backbone, paths[:hi], cnn, crops, dev, batch_size=batch, workers=workers, out=out,
-                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decoder)
-    wait_for_all_ranks()
+    feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cnn, crops=crops, weights=weights,
+                                 decode=decoder, batch_size=batch_size or default_batch_size(dev), workers=workers,
+                                 device=dev, rank=rank, world=world)
     if rank != 0:
         return None, None, None
-    for r in range(1, world):
-        bad += [tuple(b) for b in read_json(f'{feats_path}.progress-{r}-of-{world}.json')['bad']]
     if bad and not skip_bad:
         listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
         raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
                         "--skip_bad=True to drop them and their captions (the other features are kept)")
-    return np.asarray(out), bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder}
+    return feats, bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder}
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -445,10 +395,10 @@ def main(argv):
         elif os.path.exists(mat_path):
             feats, meta['source'] = read_mat_features(mat_path, len(images)), mat_path
         else:
-            feats, bad, where = image_features(images, out_dir, rank, world)
+            feats, bad, extraction = image_features(images, out_dir, rank, world)
             if rank != 0:
                 return
-            meta.update(where, source=where['features_file'], cnn=cnn, crops=crops, weights=weights)
+            meta.update(extraction, source=extraction['features_file'], cnn=cnn, crops=crops, weights=weights)
             if weights == 'random':
                 meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
             if bad:

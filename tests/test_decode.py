@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import utils
+import features
 from conftest import assert_user_error, run_script
 from test_extract import image_dataset, tiny_backbone
-from utils import (UserError, build_backbone, extract_features, image_transform, plain_jpeg, read_for_torch,
-                   tensor_crops)
+from features import (build_backbone, decode_jpeg_can_take, extract_features, image_transform, read_for_torch,
+                      tensor_crops)
+from utils import UserError
 
 CPU = torch.device('cpu')
 # On CUDA (nvjpeg) where there is one: the same checks, with nvjpeg's own rounding
@@ -95,25 +96,25 @@ def test_torch_and_pil_features_agree(photos, device):
     assert cosines(ten['pil'], ten['torch']).min() > 0.99
 
 
-def test_plain_jpeg_needs_the_whole_file():
+def test_decode_jpeg_can_take_needs_the_whole_file():
     """Only complete 8-bit Huffman JPEGs of 1 or 3 components go to decode_jpeg; everything else
     to PIL. A GPU decoder may gray-fill a truncated file instead of failing, so the end-of-image
     marker is looked for by walking the markers (an EXIF thumbnail has one of its own)."""
     photo = photo_like((120, 90), 0)
     whole = jpeg_bytes(photo)
-    assert plain_jpeg(whole) and plain_jpeg(jpeg_bytes(photo, progressive=True))
-    assert plain_jpeg(jpeg_bytes(photo.convert('L'))) and plain_jpeg(whole + b'\0' * 7)   # trailing bytes: fine
+    assert decode_jpeg_can_take(whole) and decode_jpeg_can_take(jpeg_bytes(photo, progressive=True))
+    assert decode_jpeg_can_take(jpeg_bytes(photo.convert('L'))) and decode_jpeg_can_take(whole + b'\0' * 7)   # trailing bytes: fine
     for cut in (1, 2, 3, 100, len(whole) // 2, len(whole) - 200):
-        assert not plain_jpeg(whole[:-cut]), cut
-    assert not plain_jpeg(jpeg_bytes(photo.convert('CMYK')))
+        assert not decode_jpeg_can_take(whole[:-cut]), cut
+    assert not decode_jpeg_can_take(jpeg_bytes(photo.convert('CMYK')))
     png = io.BytesIO()
     photo.save(png, 'PNG')
-    assert not plain_jpeg(png.getvalue()) and not plain_jpeg(b'<html>not found</html>') and not plain_jpeg(b'')
+    assert not decode_jpeg_can_take(png.getvalue()) and not decode_jpeg_can_take(b'<html>not found</html>') and not decode_jpeg_can_take(b'')
     thumbnail = jpeg_bytes(photo.resize((16, 12)))
     exif = Image.Exif()
     photo_with_thumbnail = jpeg_bytes(photo, exif=exif.tobytes() + thumbnail)   # APP1 payload holding a whole JPEG
-    assert thumbnail in photo_with_thumbnail and plain_jpeg(photo_with_thumbnail)
-    assert not plain_jpeg(photo_with_thumbnail[:-300])
+    assert thumbnail in photo_with_thumbnail and decode_jpeg_can_take(photo_with_thumbnail)
+    assert not decode_jpeg_can_take(photo_with_thumbnail[:-300])
 
 
 def broken_files(folder):
@@ -122,7 +123,7 @@ def broken_files(folder):
     good = jpeg_bytes(photo_like((200, 150), 1))
     dht = good.index(b'\xff\xc4')
     bad_table = good[:dht + 5] + b'\xff' * 16 + good[dht + 21:]   # code counts that overflow the code space
-    assert plain_jpeg(bad_table)
+    assert decode_jpeg_can_take(bad_table)
     files = {'good.jpg': good, 'cut.jpg': good[:len(good) // 2], 'text.jpg': b'<html>not found</html>',
              'table.jpg': bad_table, 'good2.jpg': jpeg_bytes(photo_like((150, 200), 2))}
     for name, data in files.items():
@@ -212,5 +213,5 @@ def test_prep_with_torch_decode_gives_the_pil_dataset_and_never_mixes_them(tmp_p
 
 
 def test_resolve_decode():
-    assert utils.resolve_decode('auto', torch.device('cuda')) == 'torch'
-    assert utils.resolve_decode('auto', CPU) == 'pil' and utils.resolve_decode('torch', CPU) == 'torch'
+    assert features.resolve_decode('auto', torch.device('cuda')) == 'torch'
+    assert features.resolve_decode('auto', CPU) == 'pil' and features.resolve_decode('torch', CPU) == 'torch'

@@ -16,8 +16,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from conftest import ROOT, SHARED, assert_user_error, draw_image, image_dataset, run_script
-from utils import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, UserError, build_backbone, extract_features,
-                   image_transform, read_with_pil)
+from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, build_backbone, extract_features, image_transform,
+                      read_with_pil)
+from utils import UserError
 
 CPU = torch.device('cpu')
 
