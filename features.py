@@ -1,6 +1,6 @@
 """Image files -> feature arrays: the same network, crops and normalization for a whole dataset
 (prep.py), for one new image (eval.py --image) and for the speed figures (bench.py's extract
-stage), as a dataset's meta.json records them (cnn, crops, weights, decode).
+stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtype).
 
     CNN_DIMS, check_cnn, build_backbone      the networks up to their features, and their weights
     DTYPES, cpu_runs_bfloat16, resolve_dtype float32, or bfloat16 autocast with channels_last
@@ -106,7 +106,7 @@ def build_backbone(cnn, weights, device, dtype='float32'):
     pip package), a path to a local state_dict of the full classifier, or 'random' (only
     when asked for: the features are then meaningless, and seeded so that they repeat).
     VGG gives fc7 after its ReLU (4096-d); ResNet-152 the pooled 2048-d vector.
-    dtype: what extract_features will run it in, which decides its memory layout."""
+    dtype: what extract_features will run it in ('float32' or 'bfloat16'), which decides its layout."""
     check_cnn(cnn, 1)
     if weights == 'random':
         print(f"warning: --weights=random: {cnn} with untrained weights; its features are only good for tests")
