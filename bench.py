@@ -17,13 +17,15 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   naive: the broadcast in chunks of 2^26 elements.
 - extract: images/s from JPEG files to saved features through prep.py's extraction
   (features.extract_features with prep.py's decoder: --decode, default prep.py's 'auto', which is
-  decode_jpeg on the device (nvjpeg) on CUDA and PIL in the workers elsewhere), 1 and 10 crops,
-  against the lower of VGG16's forward rate alone (random weights; the rate does not depend on
-  them) and the decode rate alone of the decoder used: PIL's (decode only, one process) times
-  the decoding processes, or decode_jpeg's on batches of file bytes plus resize and crops on the
-  device (timed with synchronization); both decode rates are reported, and for decode='torch'
-  the rate at which the workers hand the files' bytes over (read_torch).
-  naive: one image at a time through PIL and fp32.
+  decode_jpeg on the device (nvjpeg) on CUDA and PIL in the workers elsewhere; and prep.py's
+  default dtype, bfloat16 with channels_last on CUDA and on CPUs with AMX or AVX512-BF16), 1 and
+  10 crops, against the lower of VGG16's forward rate alone in that dtype (random weights; the
+  rate does not depend on them) and the decode rate alone of the decoder used: PIL's (decode
+  only, one process) times the decoding processes, or decode_jpeg's on batches of file bytes plus
+  resize and crops on the device (timed with synchronization); both decode rates are reported,
+  and for decode='torch' the rate at which the workers hand the files' bytes over (read_torch).
+  ours_float32: the same batched extraction in float32. naive: one image at a time through PIL
+  and fp32.
 Prints one table and writes every figure to --out (JSON).
 """
 import contextlib
@@ -41,8 +43,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
-from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, build_backbone, default_batch_size, extract_features,
-                      read_for_torch, resolve_decode, tensor_crops)
+from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone, cpu_runs_bfloat16,
+                      default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
 from utils import UserError, parse_config, pick_device, retrieval_ranks, run_main, write_json
 
@@ -314,36 +316,64 @@ def pil_to_tensor(image, crop):
 
 
 def bench_extract(s, dev, gen):
-    """prep.py's extraction (features.extract_features with prep.py's batch size, workers and
-    decoder) on JPEG files drawn here, 224 crops, VGG16 with random weights (the rate does not
-    depend on them), the features saved as .npy as prep.py does."""
+    """prep.py's extraction (features.extract_features with prep.py's batch size, workers,
+    decoder and dtype) on JPEG files drawn here, 224 crops, VGG16 with random weights (the rate
+    does not depend on them), the features saved as .npy as prep.py does; and the same in float32."""
     # on a GPU as many images as Flickr8k has, so that the workers' start-up weighs what it weighs in prep.py
     count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 16)
     batch = prep.batch_size or default_batch_size(dev)
-    decoder = resolve_decode(decode, dev)
-    with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
-        net, _ = build_backbone('vgg16', 'random', dev)
+    decoder, dtype = resolve_decode(decode, dev), resolve_dtype(prep.dtype, dev)
     result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
-              'workers': prep.workers, 'decoder': decoder}
+              'workers': prep.workers, 'decoder': decoder, 'dtype': dtype, **cpu_bfloat16_support()}
     with tempfile.TemporaryDirectory() as folder:
         paths = draw_jpegs(folder, count, s['image_size'], gen)
         saved = os.path.join(folder, 'features.npy')
+        net = random_vgg16(dev, dtype)
         for crops, suffix in ((1, ''), (10, '_10crop')):
-            extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False,
-                             decode=decoder)  # warm-up
-            run = functools.partial(extract_and_save, net, paths, crops, dev, batch, decoder, saved)
-            result['ours' + suffix] = count / timed(run, dev)
+            result['ours' + suffix] = extraction_rate(net, paths, crops, dev, batch, decoder, dtype, saved)
+        result['ours_float32'] = result['ours'] if dtype == 'float32' else extraction_rate(
+            random_vgg16(dev, 'float32'), paths, 1, dev, batch, decoder, 'float32', saved)
         result.update(decode_rates(paths, dev, batch))
-        result['vgg16_forward'] = forward_rate(net, count, batch, dev)
+        result['vgg16_forward'] = forward_rate(net, count, batch, dev, dtype)
         naive_paths = paths[:min(count, 4)]
         result['naive'] = len(naive_paths) / timed(functools.partial(naive_extract, naive_paths, fc7_network(dev), dev), dev)
     result.update(extract_ceilings(result, decoder, batch, dev))
+    result['speedup_over_naive'] = result['ours'] / result['naive']
+    result['speedup_over_float32'] = result['ours'] / result['ours_float32']
+    print(f"extract: {dtype} ({'CPU ' + describe_cpu_bfloat16(result) if dev.type == 'cpu' else dev.type}): 1-crop "
+          f"{result['ours']:.3g} images/s; float32 batched {result['ours_float32']:.3g}; naive {result['naive']:.3g}")
     return result
 
 
-def extract_and_save(net, paths, crops, dev, batch, decoder, path):
+def random_vgg16(dev, dtype):
+    with contextlib.redirect_stdout(io.StringIO()):   # the random-weights warning
+        return build_backbone('vgg16', 'random', dev, dtype)[0]
+
+
+def cpu_bfloat16_support():
+    """What the CPU offers for bfloat16, as torch sees it."""
+    capabilities = torch.cpu.get_capabilities()
+    return {'cpu_bfloat16_native': cpu_runs_bfloat16(), 'cpu_amx_bf16': bool(capabilities.get('amx_bf16', False)),
+            'cpu_avx512_bf16': bool(capabilities.get('avx512_bf16', False))}
+
+
+def describe_cpu_bfloat16(result):
+    if result['cpu_amx_bf16']:
+        return 'with AMX'
+    return 'with AVX512-BF16, no AMX' if result['cpu_avx512_bf16'] else 'without native bfloat16'
+
+
+def extraction_rate(net, paths, crops, dev, batch, decoder, dtype, saved):
+    """images/s of extract_features as prep.py runs it, after a one-image warm-up."""
+    extract_features(net, paths[:1], 'vgg16', crops, dev, batch_size=1, workers=0, progress=False,
+                     decode=decoder, dtype=dtype)
+    run = functools.partial(extract_and_save, net, paths, crops, dev, batch, decoder, dtype, saved)
+    return len(paths) / timed(run, dev)
+
+
+def extract_and_save(net, paths, crops, dev, batch, decoder, dtype, path):
     feats = extract_features(net, paths, 'vgg16', crops, dev, batch_size=batch, workers=prep.workers,
-                             progress=False, decode=decoder)
+                             progress=False, decode=decoder, dtype=dtype)
     np.save(path, feats)
 
 
@@ -375,15 +405,13 @@ def decode_rates(paths, dev, batch):
     return rates
 
 
-def forward_rate(net, count, batch, dev):
+def forward_rate(net, count, batch, dev, dtype):
     """images/s of the network alone on random batches, run as extract_features runs it."""
     x = torch.randn(min(count, batch), 3, 224, 224, device=dev)
-    if dev.type == 'cuda':
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
-        net(x)
+    with torch.no_grad():
+        batch_features(net, x, 1, dev, dtype)
         passes = max(1, count // len(x))
-        return passes * len(x) / timed(lambda: [net(x) for _ in range(passes)], dev)
+        return passes * len(x) / timed(lambda: [batch_features(net, x, 1, dev, dtype) for _ in range(passes)], dev)
 
 
 def naive_extract(paths, net, dev):
@@ -409,8 +437,8 @@ def extract_ceilings(result, decoder, batch, dev):
                 'ceiling_10crop': min(result['vgg16_forward'] / 10, decode_ceiling_10crop)}
     return {**ceilings, 'ratio': result['ours'] / ceilings['ceiling'],
             'ratio_10crop': result['ours_10crop'] / ceilings['ceiling_10crop'],
-            'note': (f"decoder {decoder}; ceiling: the lower of VGG16-to-fc7 alone (bfloat16 on CUDA, as extraction "
-                     f"runs it) and {how}")}
+            'note': (f"decoder {decoder}, dtype {result['dtype']}; ceiling: the lower of VGG16-to-fc7 alone (in that "
+                     f"dtype, as extraction runs it) and {how}")}
 
 
 def fc7_network(dev):

@@ -86,17 +86,18 @@ def search(model, images, captions, k=10, by='text'):
 
 
 def image_features(paths, meta, dev):
-    """New image files -> features computed as prep.py computed the dataset's (same CNN, crops
-    and weights), rows L2-normalized. Only for datasets whose features prep.py extracted itself."""
+    """New image files -> features computed as prep.py computed the dataset's (same CNN, crops,
+    weights, decoder and dtype), rows L2-normalized. Only for datasets whose features prep.py extracted itself."""
     if 'cnn' not in meta:
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
                         "prepared from its images (prep.py --images_dir=...)")
     from features import build_backbone, extract_features
-    backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev)
-    # the dataset's decoder too: PIL and decode_jpeg agree only to rounding (older datasets: PIL)
+    # the dataset's decoder and dtype too: they agree only to rounding (older datasets: PIL, float32)
+    dtype = meta.get('dtype', 'float32')
+    backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev, dtype)
     feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False,
-                                        decode=meta.get('decode', 'pil')), dtype=np.float32)
+                                        decode=meta.get('decode', 'pil'), dtype=dtype), dtype=np.float32)
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 

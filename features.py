@@ -1,8 +1,9 @@
 """Image files -> feature arrays: the same network, crops and normalization for a whole dataset
 (prep.py), for one new image (eval.py --image) and for the speed figures (bench.py's extract
-stage), as a dataset's meta.json records them (cnn, crops, weights, decode).
+stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtype).
 
     CNN_DIMS, check_cnn, build_backbone      the networks up to their features, and their weights
+    DTYPES, cpu_runs_bfloat16, resolve_dtype float32, or bfloat16 autocast with channels_last
     image_transform                          PIL image -> normalized 224 crops (1 or 10)
     DECODERS, resolve_decode                 'pil' (in the workers) or 'torch' (decode_jpeg on the device)
     read_with_pil, read_for_torch,           reading files in DataLoader workers; a bad file
@@ -99,12 +100,13 @@ def torchvision_backbone(cnn, weights):
     return model
 
 
-def build_backbone(cnn, weights, device):
+def build_backbone(cnn, weights, device, dtype='float32'):
     """(network in eval mode mapping (B, 3, 224, 224) images to (B, D) features, D).
     weights: 'imagenet' (torchvision's own download and cache; for efficientnet_lite0 the
     pip package), a path to a local state_dict of the full classifier, or 'random' (only
     when asked for: the features are then meaningless, and seeded so that they repeat).
-    VGG gives fc7 after its ReLU (4096-d); ResNet-152 the pooled 2048-d vector."""
+    VGG gives fc7 after its ReLU (4096-d); ResNet-152 the pooled 2048-d vector.
+    dtype: what extract_features will run it in ('float32' or 'bfloat16'), which decides its layout."""
     check_cnn(cnn, 1)
     if weights == 'random':
         print(f"warning: --weights=random: {cnn} with untrained weights; its features are only good for tests")
@@ -115,9 +117,39 @@ def build_backbone(cnn, weights, device):
     else:
         model = torchvision_backbone(cnn, weights)
     model = model.to(device).eval()
-    if device.type == 'cuda':
+    if uses_channels_last(device, dtype):
         model = model.to(memory_format=torch.channels_last)
     return model, CNN_DIMS[cnn]
+
+
+# ----------------------------------------------------------------------------- number format
+# bfloat16 autocast: convolutions and matrix products in bfloat16, accumulated in float32. On
+# CUDA always fast; on a CPU only where the processor computes in bfloat16 itself, and there
+# only in the channels_last layout, the one oneDNN's bfloat16 kernels (AMX, AVX512-BF16) take.
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def cpu_runs_bfloat16():
+    """Whether this CPU computes in bfloat16 itself: AMX (Intel Xeon since Sapphire Rapids) or
+    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake), with oneDNN in this PyTorch. Elsewhere
+    oneDNN would emulate bfloat16 with float32 arithmetic and conversions: slower than float32."""
+    capabilities = torch.cpu.get_capabilities()
+    native = capabilities.get('amx_bf16', False) or capabilities.get('avx512_bf16', False)
+    return bool(native) and torch.backends.mkldnn.is_available()
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> 'bfloat16' on CUDA and on a CPU that runs it natively, 'float32' elsewhere."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == 'auto':
+        native = device.type == 'cuda' or (device.type == 'cpu' and cpu_runs_bfloat16())
+        return 'bfloat16' if native else 'float32'
+    return dtype
+
+
+def uses_channels_last(device, dtype):
+    return device.type == 'cuda' or dtype == 'bfloat16'
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -343,15 +375,13 @@ def batch_crops(batch, cnn, crops, device, decode):
     return tensor_crops(items, reasons, cnn, crops, device), reasons
 
 
-def batch_features(backbone, x, crops, device):
+def batch_features(backbone, x, crops, device, dtype):
     """(B * crops, 3, 224, 224) -> (B, D) float32 features on their way to the CPU, the mean over
     each image's crops, and a CUDA event that says when the copy has landed (None elsewhere).
-    On CUDA: bfloat16 autocast, channels_last."""
-    if device.type == 'cuda':
+    dtype 'bfloat16': autocast; channels_last with it and on CUDA."""
+    if uses_channels_last(device, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            f = backbone(x)
-    else:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
         f = backbone(x)
     f = f.float().reshape(len(x) // crops, crops, -1).mean(1).to('cpu', non_blocking=True)
     ready = torch.cuda.Event() if device.type == 'cuda' else None
@@ -377,17 +407,17 @@ def store_batch(out, n, row, f, reasons, ready):
 
 @torch.no_grad()
 def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers=4, out=None, start=0,
-                     progress=True, bad=None, on_batch=None, decode='pil'):
+                     progress=True, bad=None, on_batch=None, decode='pil', dtype='float32'):
     """Features of the images at `paths`, (N, D) float32, raw (not L2-normalized).
     Rows before `start` are taken as done (already in `out`, an (N, D) array such as an
     np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
     each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
     a list: then (index, path, reason) is appended to it and its row stays zero.
-    10 crops: the mean of the crops' features. On CUDA: bfloat16 autocast, channels_last.
-    decode: 'pil', 'torch' or 'auto' (see DECODERS)."""
+    10 crops: the mean of the crops' features. decode: 'pil', 'torch' or 'auto' (see DECODERS).
+    dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
     from tqdm import tqdm
     n = len(paths)
-    decode = resolve_decode(decode, device)
+    decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device)
     check_cnn(cnn, crops)
     loader = image_loader(paths[start:], cnn, crops, device, batch_size, workers, decode)
     bar = tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=not progress)
@@ -396,7 +426,7 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
         x, reasons = batch_crops(batch, cnn, crops, device, decode)
         # The features come back one batch late: on CUDA the next batch is read and decoded
         # while the network still runs this one.
-        f, ready = batch_features(backbone, x, crops, device)
+        f, ready = batch_features(backbone, x, crops, device, dtype)
         if pending is not None:
             out = finish_batch(out, n, pending, bar, on_batch)
         pending = (row, f, reasons, ready)
@@ -479,22 +509,23 @@ def write_progress(out, progress_path, job, rows, bad, done):
     write_json(progress_path, {'job': job, 'rows': list(rows), 'done': done, 'bad': bad})
 
 
-def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, batch_size, workers, device,
+def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, dtype, batch_size, workers, device,
                     rank=0, world=1):
     """Features of images_dir/<file> for every file into feats_path (an (N, D) float32 .npy),
-    batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch' (resolved).
+    batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
+    'float32' or 'bfloat16' (both resolved).
     Returns (features, bad) where bad lists (index, path, reason) of the unreadable images.
     Under torchrun each rank fills its own shard of rows and only rank 0 returns the result,
     the others (None, None)."""
     paths = [os.path.join(images_dir, f) for f in files]
     n = len(paths)
     # A run continues an earlier one only if everything that decides the numbers is the same
-    # (the two decoders agree only to rounding: one file's rows never mix them).
-    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'decode': decode, 'batch_size': batch_size,
+    # (the two decoders, and the two dtypes, agree only to rounding: one file's rows never mix them).
+    job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'decode': decode, 'dtype': dtype, 'batch_size': batch_size,
            'images': n, 'files': hashlib.sha256('\n'.join(files).encode()).hexdigest()}
     lo, hi = shard_rows(n, batch_size, rank, world)
     same_job, start, bad = resume_point(feats_path, job, rank, world, (lo, hi))
-    backbone = build_backbone(cnn, weights, device)[0] if start < hi else None  # fails before any file is written
+    backbone = build_backbone(cnn, weights, device, dtype)[0] if start < hi else None  # fails before any file is written
     wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
     if rank == 0 and not same_job:
         start_features_file(feats_path, job, (n, CNN_DIMS[cnn]))
@@ -506,7 +537,7 @@ def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, 
     record(start)
     if backbone is not None:
         extract_features(backbone, paths[:hi], cnn, crops, device, batch_size=batch_size, workers=workers, out=out,
-                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decode)
+                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decode, dtype=dtype)
     wait_for_all_ranks()
     if rank != 0:
         return None, None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from features import (check_cnn, default_batch_size, extract_dataset, resolve_decode, setup_ranks,
+from features import (check_cnn, default_batch_size, extract_dataset, resolve_decode, resolve_dtype, setup_ranks,
                       wait_for_all_ranks)
 from utils import (CAPS_PER_IMAGE, PAD, UNK, UserError, atomic_open, lock_folder, parse_config, pick_device, read_json,
                    run_main, split_paths, tokenize, write_json)
@@ -41,6 +41,7 @@ weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PA
 batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwise
 workers = min(8, os.cpu_count() or 1)  # processes reading (and with pil decoding) images alongside the network, at most one per core
 decode = 'auto'           # pil: PIL in the workers | torch: decode_jpeg on the device (nvjpeg on CUDA) | auto: torch on CUDA
+dtype = 'auto'            # float32 | bfloat16 (autocast, channels_last) | auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16
 device = 'auto'
 skip_bad = False          # drop images that cannot be read (and their captions) instead of stopping
 vocab_threshold = 4       # words seen fewer times in the train captions become <unk> (VSE++ uses 4)
@@ -234,18 +235,18 @@ def image_features(images, out_dir, rank=0, world=1):
     dev = pick_device(device)
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-    decoder = resolve_decode(decode, dev)
+    decoder, precision = resolve_decode(decode, dev), resolve_dtype(dtype, dev)
     feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
     feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cnn, crops=crops, weights=weights,
-                                 decode=decoder, batch_size=batch_size or default_batch_size(dev), workers=workers,
-                                 device=dev, rank=rank, world=world)
+                                 decode=decoder, dtype=precision, batch_size=batch_size or default_batch_size(dev),
+                                 workers=workers, device=dev, rank=rank, world=world)
     if rank != 0:
         return None, None, None
     if bad and not skip_bad:
         listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
         raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
                         "--skip_bad=True to drop them and their captions (the other features are kept)")
-    return feats, bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder}
+    return feats, bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder, 'dtype': precision}
 
 
 # ----------------------------------------------------------------------------- synthetic data
