@@ -322,7 +322,7 @@ def bench_extract(s, dev, gen):
     # on a GPU as many images as Flickr8k has, so that the workers' start-up weighs what it weighs in prep.py
     count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 16)
     batch = prep.batch_size or default_batch_size(dev)
-    decoder, dtype = resolve_decode(decode, dev), resolve_dtype(prep.dtype, dev)
+    decoder, dtype = resolve_decode(decode, dev), resolve_dtype(prep.dtype, dev, 'vgg16')
     result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
               'workers': prep.workers, 'decoder': decoder, 'dtype': dtype, **cpu_bfloat16_support()}
     with tempfile.TemporaryDirectory() as folder:

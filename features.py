@@ -138,12 +138,18 @@ def cpu_runs_bfloat16():
     return bool(native) and torch.backends.mkldnn.is_available()
 
 
-def resolve_dtype(dtype, device):
-    """'auto' -> 'bfloat16' on CUDA and on a CPU that runs it natively, 'float32' elsewhere."""
+# On a CPU, bfloat16 moved EfficientNet-Lite0's features of real photos further than we accept
+# (worst-image cosine to float32 0.997, docs/bfloat16.md): 'auto' keeps it in float32 there.
+FLOAT32_ON_CPU = ('efficientnet_lite0',)
+
+
+def resolve_dtype(dtype, device, cnn='vgg16'):
+    """'auto' -> 'bfloat16' on CUDA and on a CPU that runs it natively (but for the networks in
+    FLOAT32_ON_CPU), 'float32' elsewhere."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
     if dtype == 'auto':
-        native = device.type == 'cuda' or (device.type == 'cpu' and cpu_runs_bfloat16())
+        native = device.type == 'cuda' or (device.type == 'cpu' and cpu_runs_bfloat16() and cnn not in FLOAT32_ON_CPU)
         return 'bfloat16' if native else 'float32'
     return dtype
 
@@ -417,7 +423,7 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
     dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
     from tqdm import tqdm
     n = len(paths)
-    decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device)
+    decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device, cnn)
     check_cnn(cnn, crops)
     loader = image_loader(paths[start:], cnn, crops, device, batch_size, workers, decode)
     bar = tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=not progress)

@@ -235,7 +235,7 @@ def image_features(images, out_dir, rank=0, world=1):
     dev = pick_device(device)
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-    decoder, precision = resolve_decode(decode, dev), resolve_dtype(dtype, dev)
+    decoder, precision = resolve_decode(decode, dev), resolve_dtype(dtype, dev, cnn)
     feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
     feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cnn, crops=crops, weights=weights,
                                  decode=decoder, dtype=precision, batch_size=batch_size or default_batch_size(dev),

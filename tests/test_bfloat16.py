@@ -57,6 +57,7 @@ def test_auto_takes_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
         monkeypatch.setattr(features, 'cpu_runs_bfloat16', lambda: native)
         assert resolve_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
         assert resolve_dtype('auto', torch.device('cuda')) == 'bfloat16'
+        assert resolve_dtype('auto', CPU, 'efficientnet_lite0') == 'float32'  # its features moved too far
         assert resolve_dtype('auto', torch.device('mps')) == 'float32'
         assert resolve_dtype('float32', CPU) == 'float32' and resolve_dtype('bfloat16', CPU) == 'bfloat16'
     with pytest.raises(UserError, match='--dtype=half'):
