@@ -81,6 +81,7 @@ OPTION_RULES = {
 # -----------------------------------------------------------------------------
 
 SPLITS = ('train', 'val', 'test')
+LOCK_NAME = '.prep.lock'
 OUTPUTS = [f'{split}_{kind}' for split in SPLITS for kind in ('ims.npy', 'caps.txt', 'files.txt')] + ['vocab.json']
 
 
@@ -285,7 +286,7 @@ def refuse_to_overwrite(out_dir):
 
 def lock_dataset(folder):
     """Only one prep.py writes a dataset at a time (utils.lock_folder)."""
-    return lock_folder(folder, '.prep.lock', 'prep.py', 'dataset')
+    return lock_folder(folder, LOCK_NAME, 'prep.py', 'dataset')
 
 
 # ----------------------------------------------------------------------------- features from images
@@ -485,7 +486,8 @@ def to_karpathy_json(images, name):
 def main(argv):
     globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
     out_dir = data_dir or os.path.join('data', dataset)
-    refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
+    if not os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # else the lock, below, names a prep.py at work first
+        refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
     os.makedirs(out_dir, exist_ok=True)
     rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
     lock = lock_dataset(out_dir) if rank == 0 else None  # noqa: F841 (held until main returns)

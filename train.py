@@ -239,11 +239,7 @@ class Run:
         self.grad_norms = torch.zeros(config['log_interval'], device=dev)
         self.iteration, self.best_rsum, self.since_best = 0, -1.0, 0
         self.saved_iteration = None  # the iteration last.pt holds
-        if master and not config['resume']:
-            refuse_used_folder(self.out_dir)  # before the lock file, so that a refusal leaves the folder as it was
-        self.lock = lock_folder(self.out_dir, '.train.lock', 'train.py', 'run folder') if master else None
-        if master and not config['resume']:
-            refuse_used_folder(self.out_dir)  # again, under the lock: a run that just finished there counts too
+        self.lock = take_run_folder(self.out_dir, config['resume']) if master else None
         self.log = None
 
     def resume(self, iters_per_epoch):
@@ -378,6 +374,20 @@ def save_checkpoint(path, config, vocab, model, **state):
                 'model': model.state_dict(), **state}, buffer)
     with atomic_open(path) as f:
         f.write(buffer.getbuffer())
+
+
+def take_run_folder(out_dir, resume):
+    """Lock out_dir for this run (one writer per run folder), and without --resume=True refuse a
+    folder that holds another run's files. A folder train.py never ran in is checked before its
+    lock file is made, so that a refusal leaves it as it was; under the lock, a run in progress
+    is named before its files are."""
+    lock_path = os.path.join(out_dir, '.train.lock')
+    if not resume and not os.path.exists(lock_path):
+        refuse_used_folder(out_dir)
+    lock = lock_folder(out_dir, os.path.basename(lock_path), 'train.py', 'run folder')
+    if not resume:
+        refuse_used_folder(out_dir)
+    return lock
 
 
 def refuse_used_folder(out_dir):
