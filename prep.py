@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from utils import (CAPS_PER_IMAGE, CNN_DIMS, DECODERS, DEVICE, PAD, SEED, UNK, UserError, at_least, atomic_open,
-                   build_backbone, check_cnn, check_real_numbers, extract_features, lock_folder, one_of, parse_config,
-                   pick_device, read_json, resolve_decode, run_main, split_paths, tokenize, write_json)
+from utils import (CAPS_PER_IMAGE, CNN_DIMS, DECODERS, DEVICE, FOLDER, PAD, SEED, UNK, FolderLock, UserError, at_least, atomic_open,
+                   build_backbone, check_cnn, check_real_numbers, extract_features, one_of, parse_config, pick_device,
+                   read_json, resolve_decode, run_main, split_paths, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -59,6 +59,7 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # leaves no word is found once the captions are read, before the features.
 OPTION_RULES = {
     'dataset': (lambda v: v != '', 'a name: flickr8k, flickr30k, coco, synthetic or your own'),
+    'data_dir': FOLDER,
     'dataset_json': (lambda v: v == '' or os.path.isfile(v), "'' or an existing file"),
     'features': (lambda v: v == '' or (v.endswith('.npy') and os.path.isfile(v)), "'' or an existing .npy file"),
     'images_dir': (lambda v: v == '' or os.path.isdir(v), "'' or an existing folder"),
@@ -285,8 +286,8 @@ def refuse_to_overwrite(out_dir):
 
 
 def lock_dataset(folder):
-    """Only one prep.py writes a dataset at a time (utils.lock_folder)."""
-    return lock_folder(folder, LOCK_NAME, 'prep.py', 'dataset')
+    """Only one prep.py writes a dataset at a time (utils.FolderLock)."""
+    return FolderLock(folder, LOCK_NAME, 'prep.py', 'dataset')
 
 
 # ----------------------------------------------------------------------------- features from images
@@ -490,12 +491,18 @@ def main(argv):
         refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
     os.makedirs(out_dir, exist_ok=True)
     rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
-    lock = lock_dataset(out_dir) if rank == 0 else None  # noqa: F841 (held until main returns)
-    if rank == 0:
+    if rank != 0:
+        return prepare(out_dir, rank, world)
+    with lock_dataset(out_dir):
         refuse_to_overwrite(out_dir)  # again under the lock: another prep.py may have finished meanwhile
-    if dataset == 'synthetic' and rank != 0:
-        return
+        prepare(out_dir, rank, world)
+
+
+def prepare(out_dir, rank, world):
+    """The dataset's images, captions and features, written into out_dir."""
     if dataset == 'synthetic':
+        if rank != 0:
+            return
         sizes = [int(x) for x in synthetic_sizes.split(',')]
         images, feats = make_synthetic(sizes, synthetic_dim, np.random.default_rng(seed))
         # images_dir is relative to data_dir; the features are not computed from these pixels

@@ -26,9 +26,9 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (DEVICE, NON_NEGATIVE, POSITIVE, SEED, UserError, at_least, atomic_open, encode_captions, encode_images, encode_text,
-                   file_advice, load_checkpoint, load_meta, load_split, load_vocab, lock_folder, one_of, parse_config,
-                   pick_device, retrieval_metrics, run_main)
+from utils import (DEVICE, FOLDER, NON_NEGATIVE, POSITIVE, SEED, FolderLock, UserError, at_least, atomic_open, encode_captions,
+                   encode_images, encode_text, file_advice, load_checkpoint, load_meta, load_split, load_vocab, one_of,
+                   parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -58,6 +58,8 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # What each option must be, checked before any work (utils.check_options). val_images is checked
 # against the val split once it is loaded.
 OPTION_RULES = {
+    'data_dir': FOLDER,
+    'out_dir': FOLDER,
     'measure': one_of('order', 'cosine'),
     'margin': NON_NEGATIVE,
     'warmup_epochs': at_least(0),
@@ -91,14 +93,14 @@ def main(argv):
     broadcast_weights(model)
     optimizer = make_optimizer(model, learning_rate)
     run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
-    if resume and run.resume(iters_per_epoch):
-        return
-    run.start_log()
-    if run.master:
-        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} captions, "
-              f"{len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; validating on "
-              f"{len(data.val_feats)} val images; writing to {run.out_dir}")
-    with run, StopRequests() as stop:
+    with run, StopRequests() as stop:  # the run folder's lock and log are let go however the run ends
+        if resume and run.resume(iters_per_epoch):
+            return
+        run.start_log()
+        if run.master:
+            print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} "
+                  f"captions, {len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; "
+                  f"validating on {len(data.val_feats)} val images; writing to {run.out_dir}")
         while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
             epoch, start = divmod(run.iteration, iters_per_epoch)
             lr = learning_rate * (0.1 if lr_decay_epoch and epoch >= lr_decay_epoch else 1.0)
@@ -272,7 +274,10 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
         if isinstance(error, FloatingPointError):
@@ -377,32 +382,36 @@ def save_checkpoint(path, config, vocab, model, **state):
 
 
 def take_run_folder(out_dir, resume):
-    """Lock out_dir for this run (one writer per run folder), and without --resume=True refuse a
-    folder that holds another run's files. A folder train.py never ran in is checked before its
-    lock file is made, so that a refusal leaves it as it was; under the lock, a run in progress
-    is named before its files are."""
+    """Lock out_dir for this run (one writer per run folder) and check what is in it. A folder
+    no train.py is at work in is checked before its lock file is made, so that a refusal leaves
+    it as it was; then again under the lock, where a run in progress is named first."""
     lock_path = os.path.join(out_dir, '.train.lock')
-    if not resume and not os.path.exists(lock_path):
-        refuse_used_folder(out_dir)
-    lock = lock_folder(out_dir, os.path.basename(lock_path), 'train.py', 'run folder')
-    if not resume:
-        refuse_used_folder(out_dir)
+    if not os.path.exists(lock_path):
+        refuse_used_folder(out_dir, resume)
+    lock = FolderLock(out_dir, os.path.basename(lock_path), 'train.py', 'run folder')
+    try:
+        refuse_used_folder(out_dir, resume)
+    except UserError:
+        lock.release()
+        raise
     return lock
 
 
-def refuse_used_folder(out_dir):
-    """A new run never overwrites another run's results: it needs a folder of its own."""
+def refuse_used_folder(out_dir, resume):
+    """A new run never overwrites another run's results: it needs a folder of its own; a
+    resumed one needs the last.pt it continues from."""
+    last = os.path.join(out_dir, 'last.pt')
+    if resume and not os.path.exists(last):
+        raise UserError(f"{last}: no checkpoint to resume from; drop --resume=True to start a new run")
     used = [name for name in ('last.pt', 'best.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, name))]
     used += sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out_dir), 'results_*.json')))
-    if used:
+    if used and not resume:
         raise UserError(f"{out_dir} holds another run ({', '.join(used)}): pass --resume=True to continue it, "
                         "or choose another --out_dir")
 
 
 def resume_from(path, config, vocab, model, optimizer, dev):
     """Load last.pt into the model, the optimizer and the RNG; returns the checkpoint."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no checkpoint to resume from; drop --resume=True to start a new run")
     ckpt = load_checkpoint(path, dev)
     saved = ckpt['config']
     changed = [k for k in ('dataset', 'measure', 'embed_dim', 'word_dim', 'batch_size', 'seed') if saved.get(k) != config[k]]

@@ -48,7 +48,8 @@ def parse_config(defaults, argv, rules=None):
         if isinstance(default, str) and not isinstance(value, str):
             value = text  # e.g. --split=1 stays the string '1'
         if type(value) is not type(default):
-            raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}")
+            kind = type(default).__name__
+            raise UserError(f"--{key}={text}: expected {'an' if kind == 'int' else 'a'} {kind} like {default!r}")
         config[key] = value
     check_options(config, rules or {})
     return config
@@ -84,6 +85,7 @@ def available_devices():
 POSITIVE = (lambda value: math.isfinite(value) and value > 0, 'a positive number')
 NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, 'a finite number of at least 0')
 SEED = (lambda value: 0 <= value < 2 ** 32, 'from 0 to 2**32 - 1 (what every random generator here takes)')
+FOLDER = (lambda value: not os.path.isfile(value), 'a folder, not a file')
 DEVICE = (lambda value: value in available_devices(), lambda: "one of this machine's devices: " + ', '.join(available_devices()))
 
 
@@ -207,33 +209,53 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def lock_folder(folder, name, program, what):
+class FolderLock:
     """One writer per folder: a second prep.py into a dataset, or train.py into a run folder,
-    stops at once instead of mixing its files with the first one's. The lock (an flock on
-    folder/name, which holds the owner's process id) lasts as long as the returned file is open."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; one writer at a time is then up to the user
-        return None
-    path = os.path.join(folder, name)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(path, 'a+')
-    except OSError as e:
-        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip()
-        f.close()
-        raise UserError(f"{folder}: another {program} is writing this {what} right now ({path} is locked"
-                        f"{f' by process {owner}' if owner.isdigit() else ''}); wait for it to finish, or use another "
-                        f"folder") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    stops at once instead of mixing its files with the first one's. The lock is an flock on
+    folder/name, a file holding the owner's process id; release() (or the end of a with block)
+    removes the file, so that a run leaves no trace of it (a killed one leaves it behind,
+    unlocked, for the next one to take over)."""
+
+    def __init__(self, folder, name, program, what):
+        self.path, self.file = os.path.join(folder, name), None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one writer at a time is then up to the user
+            return
+        try:
+            os.makedirs(folder, exist_ok=True)
+            while self.file is None:
+                f = open(self.path, 'a+')
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    owner = f.read().strip()
+                    f.close()
+                    raise UserError(f"{folder}: another {program} is writing this {what} right now ({self.path} is locked"
+                                    f"{f' by process {owner}' if owner.isdigit() else ''}); wait for it to finish, or use "
+                                    "another folder") from None
+                if os.path.exists(self.path) and os.path.samestat(os.stat(self.path), os.fstat(f.fileno())):
+                    self.file = f
+                else:  # its holder removed it between our open and our lock: lock the file there now
+                    f.close()
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the lock file ({e.strerror}); {file_advice(e)}") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.path)  # still locked: whoever opens it next finds it removed, and makes a new one
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def write_json(path, obj):

@@ -65,6 +65,7 @@ def made(tmp_path_factory):
 # ----------------------------------------------------------------------------- options
 
 BAD_OPTIONS = [
+    ('train', '--out_dir=tests/conftest.py', '--out_dir=tests/conftest.py: must be a folder, not a file'),
     ('train', '--batch_size=0', '--batch_size=0: must be at least 2'),
     ('train', '--batch_size=1', 'no negative'),
     ('train', '--epochs=0', '--epochs=0: must be at least 1'),
@@ -88,7 +89,8 @@ BAD_OPTIONS = [
     ('train', '--val_images=21', '--val_images=21: the val split', 'has 20 images'),
     ('train', '--warmup_epochs=-1', '--warmup_epochs=-1'),
     ('train', '--lr_decay_epoch=-2', '--lr_decay_epoch=-2'),
-    ('train', '--embed_dim=big', '--embed_dim=big: expected a int'),
+    ('train', '--embed_dim=big', '--embed_dim=big: expected an int like'),
+    ('prep', '--data_dir=tests/conftest.py', '--data_dir=tests/conftest.py: must be a folder'),
     ('prep', '--dataset=', '--dataset=: must be a name'),
     ('prep', '--features=feats.npz', '--features=feats.npz', '.npy file'),
     ('prep', '--features=missing.npy', '--features=missing.npy'),

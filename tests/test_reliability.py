@@ -325,7 +325,7 @@ def test_second_prep_on_the_same_dataset_is_refused(tmp_path):
     assert_user_error(run_here('prep', '--dataset=x', f'--data_dir={tmp_path}'),
                       'another prep.py is writing this dataset', '.prep.lock')
     assert no_outputs(tmp_path)
-    lock.close()
+    lock.release()
     assert run_here('prep', '--dataset=x', f'--data_dir={tmp_path}').returncode == 0
 
 
@@ -357,13 +357,13 @@ def test_full_disk_while_training_keeps_the_checkpoints(reference, tmp_path):
 def test_full_disk_while_preparing_keeps_the_prepared_dataset(tmp_path):
     write_pair(tmp_path, ['train'] * 3 + ['val', 'test'])
     assert run_here('prep', '--dataset=x', f'--data_dir={tmp_path}').returncode == 0
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != '.prep.lock'}  # its owner's pid
     np.save(tmp_path / 'wide.npy', np.random.default_rng(2).random((5, 4096)).astype(np.float32))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'prep.py'), '--dataset=x', f'--data_dir={tmp_path}',
                            f'--features={tmp_path / "wide.npy"}', '--force=True'], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, preexec_fn=limit_file_size(30000), timeout=300)
     assert_user_error(proc, 'train_ims.npy: cannot write it', 'free some disk space')
-    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != '.prep.lock'}
     assert after == {**before, 'wide.npy': after['wide.npy']}
     assert not (tmp_path / '.prep-staging').exists()
 
