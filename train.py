@@ -26,8 +26,8 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (DEVICE, FOLDER, NON_NEGATIVE, POSITIVE, SEED, FolderLock, UserError, at_least, atomic_open, encode_captions,
-                   encode_images, encode_text, file_advice, load_checkpoint, load_meta, load_split, load_vocab, one_of,
+from utils import (DEVICE, FOLDER, SEED, FolderLock, UserError, at_least, atomic_open, encode_captions, encode_images,
+                   encode_text, file_advice, load_checkpoint, load_meta, load_split, load_vocab, non_negative, one_of,
                    parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
@@ -41,7 +41,7 @@ warmup_epochs = 0         # with max_violation: sum over all negatives for this 
 embed_dim = 1024          # joint space
 word_dim = 300            # word embeddings
 batch_size = 128          # captions (with their images) per step; each one's negatives are the rest of its batch
-learning_rate = 1e-3      # Adam
+learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-level baseline)
 lr_decay_epoch = 0        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 15               # passes over the train captions
@@ -61,14 +61,14 @@ OPTION_RULES = {
     'data_dir': FOLDER,
     'out_dir': FOLDER,
     'measure': one_of('order', 'cosine'),
-    'margin': NON_NEGATIVE,
+    'margin': non_negative(),
     'warmup_epochs': at_least(0),
     'embed_dim': at_least(1),
     'word_dim': at_least(1),
     'batch_size': at_least(2, ': a caption alone in its batch has no negative to be contrasted with, and learns nothing'),
-    'learning_rate': POSITIVE,
+    'learning_rate': non_negative('the weights stay as initialized'),
     'lr_decay_epoch': at_least(0),
-    'grad_clip': (NON_NEGATIVE[0], f'{NON_NEGATIVE[1]} (0: no clipping)'),
+    'grad_clip': non_negative('no clipping'),
     'epochs': at_least(1),
     'patience': at_least(0),
     'val_images': at_least(0),

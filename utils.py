@@ -68,6 +68,12 @@ def at_least(n, why=''):
     return (lambda value: value >= n, f"at least {n}{why}")
 
 
+def non_negative(zero_means=''):
+    """A finite number of at least 0; zero_means: what 0 stands for, where it is allowed as 'off'."""
+    return (lambda value: math.isfinite(value) and value >= 0,
+            'a finite number of at least 0' + (f' (0: {zero_means})' if zero_means else ''))
+
+
 def one_of(*choices):
     return (lambda value: value in choices, 'one of ' + ', '.join(map(str, choices)))
 
@@ -82,8 +88,6 @@ def available_devices():
     return names
 
 
-POSITIVE = (lambda value: math.isfinite(value) and value > 0, 'a positive number')
-NON_NEGATIVE = (lambda value: math.isfinite(value) and value >= 0, 'a finite number of at least 0')
 SEED = (lambda value: 0 <= value < 2 ** 32, 'from 0 to 2**32 - 1 (what every random generator here takes)')
 FOLDER = (lambda value: not os.path.isfile(value), 'a folder, not a file')
 DEVICE = (lambda value: value in available_devices(), lambda: "one of this machine's devices: " + ', '.join(available_devices()))

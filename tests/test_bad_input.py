@@ -72,7 +72,7 @@ BAD_OPTIONS = [
     ('train', '--log_interval=0', '--log_interval=0'),
     ('train', '--embed_dim=0', '--embed_dim=0'),
     ('train', '--word_dim=-4', '--word_dim=-4'),
-    ('train', '--learning_rate=0', '--learning_rate=0.0: must be a positive number'),
+    ('train', '--learning_rate=1e999', '--learning_rate=inf: must be a finite number'),
     ('train', '--learning_rate=-1e-3', '--learning_rate=-0.001'),
     ('train', '--grad_clip=-1', '--grad_clip=-1.0', '0: no clipping'),
     ('train', '--margin=-0.1', '--margin=-0.1'),
