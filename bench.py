@@ -43,22 +43,22 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
-from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone, cpu_runs_bfloat16,
+from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone, cpu_runs_bfloat16,
                       default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
-from utils import UserError, parse_config, pick_device, retrieval_ranks, run_main, write_json
+from utils import DEVICE, SEED, at_least, one_of, parse_config, pick_device, retrieval_ranks, run_main, write_json
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
 stages = 'train,eval,extract'      # which stages to run, comma-separated
 out = 'bench.json'                 # every figure, as JSON
-device = 'auto'
+device = 'auto'                    # auto = cuda, then mps, then cpu
 compile = True                     # as in train.py and eval.py: the torch.compile'd order kernels
 dtype = 'auto'                     # as in train.py: bfloat16 autocast for the encoders on CUDA, float32 elsewhere
 train_iters = 0                    # training steps timed (and as many GRU-alone steps); 0 = the scale's default
 extract_images = 0                 # JPEG files drawn for the extract stage; 0 = the scale's default
 decode = prep.decode               # extract stage's decoder, as prep.py's --decode: auto | pil | torch
-seed = 0
+seed = 0                           # the synthetic data
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
 
@@ -76,6 +76,18 @@ DEFAULTS = dict(feature_dim=4096, word_dim=300, embed_dim=1024, batch_size=128, 
                 extract_images=0, image_size=(640, 480))
 LENGTHS = (8, 15)
 STAGES = ('train', 'eval', 'extract')
+# What each option must be, checked before any work (utils.check_options).
+OPTION_RULES = {
+    'scale': one_of(*SCALES),
+    'stages': (lambda v: v.split(',') != [''] and set(v.split(',')) <= set(STAGES),
+               f"a comma-separated subset of {','.join(STAGES)}"),
+    'out': (lambda v: v != '', 'a file name for the JSON report'),
+    'device': DEVICE,
+    'train_iters': at_least(0),
+    'extract_images': at_least(0),
+    'decode': one_of(*DECODERS),
+    'seed': SEED,
+}
 
 
 def sync(dev):
@@ -452,13 +464,8 @@ def fc7_network(dev):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
-    if scale not in SCALES:
-        raise UserError(f"--scale={scale}: expected one of {', '.join(SCALES)}")
-    chosen = [x for x in stages.split(',') if x]
-    bad = [x for x in chosen if x not in STAGES]
-    if bad or not chosen:
-        raise UserError(f"--stages={stages}: expected a comma-separated subset of {','.join(STAGES)}")
+    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
+    chosen = stages.split(',')
     s = {**DEFAULTS, **SCALES[scale]}
     dev = pick_device(device)
     gen = torch.Generator().manual_seed(seed)

@@ -24,9 +24,9 @@ import torch
 
 from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
-from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_checkpoint, load_meta, load_split,
-                   parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main, tokenize,
-                   write_json)
+from utils import (DEVICE, UNK, UserError, at_least, atomic_open, encode_images, encode_text, load_checkpoint, load_meta,
+                   load_split, one_of, parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main,
+                   tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -35,7 +35,7 @@ split = 'test'                     # train | val | test
 data_dir = ''                      # default: the data_dir the checkpoint was trained on
 save_embeddings = False            # write embeddings_<split>.npz: the vectors that were scored
 save_ranks = False                 # write ranks_<split>.json: each query's rank of its ground truth and its top 10
-device = 'auto'
+device = 'auto'                    # auto = cuda, then mps, then cpu
 compile = True                     # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 # using the model (instead of the metrics)
 query = ''                         # a sentence: print the split's top-k images for it
@@ -47,6 +47,18 @@ gallery_by = 'text'                # ... 'text': captions find images; 'image': 
 images_dir = ''                    # the folder the split's files are in; default: meta.json's images_dir, else the dataset json's folder
 compare = ''                       # run folders, comma-separated: print their results_<split>.json as one Markdown table
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# What each option must be, checked before any work (utils.check_options); --split is checked
+# against the splits the dataset has, --query/--image against each other in check_use_options.
+OPTION_RULES = {
+    'out_dir': (lambda v: v != '', 'a folder train.py wrote'),
+    'checkpoint': (lambda v: v != '', 'a checkpoint file name in out_dir, like best.pt'),
+    'device': DEVICE,
+    'k': at_least(1),
+    'gallery': (lambda v: v == '' or v.lower().endswith('.png'), "'' or a file name ending in .png (the gallery is a PNG)"),
+    'gallery_queries': at_least(1),
+    'gallery_by': one_of('text', 'image'),
+    'images_dir': (lambda v: v == '' or os.path.isdir(v), "'' or an existing folder"),
+}
 # -----------------------------------------------------------------------------
 
 
@@ -165,10 +177,6 @@ def check_use_options():
         raise UserError("--query and --image: give one of the two")
     if save_ranks or save_embeddings:
         raise UserError("--save_ranks and --save_embeddings belong to the evaluation; run them without --query/--image/--gallery")
-    if k < 1 or gallery_queries < 1 or gallery_by not in ('text', 'image'):
-        raise UserError("--k and --gallery_queries must be at least 1, --gallery_by 'text' or 'image'")
-    if gallery and not gallery.lower().endswith('.png'):
-        raise UserError(f"--gallery={gallery}: the gallery is a PNG; name it something.png")
     if image and not os.path.isfile(image):
         raise UserError(f"{image}: no such image file")
 
@@ -240,6 +248,7 @@ def compare_runs(runs, split):
         if not os.path.exists(path):
             raise UserError(f"{path}: no results; evaluate that run first: python eval.py --out_dir={run} --split={split}")
         results.append(read_json(path, 'results file'))
+        check_results(path, results[-1])
     columns = ['R@1', 'R@5', 'R@10', 'medr']
     tables = [('', [r for r in results])]
     if any('mean_1k' in r for r in results):
@@ -258,6 +267,37 @@ def compare_runs(runs, split):
                      for m in ('r1', 'r5', 'r10', 'medr')]
             print(f"| {run} | {full.get('measure', '')} | {full.get('n_images', '')} | " + ' | '.join(cells)
                   + f" | {r['rsum']:.1f} |")
+
+
+def is_table(table, fields):
+    return isinstance(table, dict) and all(isinstance(table.get(f), (int, float)) for f in fields)
+
+
+def check_results(path, result):
+    """A results_<split>.json as write_outputs writes it: what compare_runs reads from it."""
+    recalls = ('r1', 'r5', 'r10', 'medr')
+    for r in [result] + ([result['mean_1k']] if isinstance(result, dict) and 'mean_1k' in result else []):
+        if not (is_table(r, ['rsum']) and is_table(r.get('i2t'), recalls) and is_table(r.get('t2i'), recalls)):
+            raise UserError(f"{path}: not a results file eval.py writes (i2t and t2i, each with r1, r5, r10 and medr, "
+                            "and rsum, all numbers); evaluate that run again")
+
+
+def trained_data_dir(ckpt, run_folder):
+    """The prepared dataset a checkpoint was trained on. train.py stores it as an absolute path;
+    older checkpoints as it was given, relative to the folder train.py ran in, which is found
+    from out_dir as stored (relative to that same folder) and the run folder found now."""
+    stored, stored_out = ckpt['config']['data_dir'], ckpt['config'].get('out_dir', '')
+    candidates = [stored]
+    if not os.path.isabs(stored) and isinstance(stored_out, str) and stored_out and not os.path.isabs(stored_out):
+        run, tail = os.path.abspath(run_folder), os.sep + os.path.normpath(stored_out)
+        if run.endswith(tail):
+            candidates.append(os.path.join(run[:-len(tail)], stored))
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, 'meta.json')):
+            return folder
+    raise UserError(f"{run_folder}: the dataset it was trained on is not prepared where it was (looked in "
+                    f"{', '.join(os.path.abspath(f) for f in candidates)}); pass --data_dir=FOLDER of that dataset, "
+                    "or prepare it there with prep.py")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -286,7 +326,7 @@ def print_table(title, result):
 
 
 def main(argv):
-    globals().update(parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv))
+    globals().update(parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv, OPTION_RULES))
     if compare:
         compare_runs([r for r in compare.split(',') if r], split)
         return
@@ -294,7 +334,7 @@ def main(argv):
     ckpt_path = os.path.join(out_dir, checkpoint)
     model, ckpt = load_model(ckpt_path, dev)
     model.compiled = compile
-    data_folder = data_dir or ckpt['config']['data_dir']
+    data_folder = data_dir or trained_data_dir(ckpt, out_dir)
     meta = load_meta(data_folder)
     feats, captions = load_split(data_folder, split)
     if feats.shape[1] != ckpt['feature_dim']:

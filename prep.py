@@ -16,17 +16,22 @@ L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5
 last, so that a dataset with a meta.json is complete.
 """
 import collections
+import json
 import os
+import re
 import shutil
+import unicodedata
+import urllib.parse
 
 import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from features import (check_cnn, default_batch_size, extract_dataset, resolve_decode, resolve_dtype, setup_ranks,
-                      wait_for_all_ranks)
-from utils import (CAPS_PER_IMAGE, PAD, UNK, UserError, atomic_open, lock_folder, parse_config, pick_device, read_json,
-                   run_main, split_paths, tokenize, write_json)
+from features import (CNN_DIMS, DECODERS, DTYPES, check_cnn, default_batch_size, extract_dataset, resolve_decode,
+                      resolve_dtype, setup_ranks, wait_for_all_ranks)
+from utils import (CAPS_PER_IMAGE, DEVICE, FOLDER, PAD, SEED, UNK, FolderLock, UserError, at_least, atomic_open,
+                   check_real_numbers, one_of, parse_config, pick_device, read_json, run_main, split_paths, tokenize,
+                   write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -42,7 +47,7 @@ batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwis
 workers = min(8, os.cpu_count() or 1)  # processes reading (and with pil decoding) images alongside the network, at most one per core
 decode = 'auto'           # pil: PIL in the workers | torch: decode_jpeg on the device (nvjpeg on CUDA) | auto: torch on CUDA
 dtype = 'auto'            # float32 | bfloat16 (autocast, channels_last) | auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16
-device = 'auto'
+device = 'auto'           # for the feature extraction: auto = cuda, then mps, then cpu
 skip_bad = False          # drop images that cannot be read (and their captions) instead of stopping
 vocab_threshold = 4       # words seen fewer times in the train captions become <unk> (VSE++ uses 4)
 max_len = 100             # a caption longer than this many tokens is an error, not silently cut
@@ -50,11 +55,38 @@ force = False             # overwrite a prepared dataset
 # synthetic only
 synthetic_sizes = '5000,1000,1000'   # train, val, test images
 synthetic_dim = 4096      # feature dimension, like VGG fc7
-seed = 1234
+seed = 1234               # the synthetic set's attributes, captions and features
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# What each option must be, checked before any work (utils.check_options); a vocab_threshold that
+# leaves no word is found once the captions are read, before the features.
+OPTION_RULES = {
+    'dataset': (lambda v: v != '', 'a name: flickr8k, flickr30k, coco, synthetic or your own'),
+    'data_dir': FOLDER,
+    'dataset_json': (lambda v: v == '' or os.path.isfile(v), "'' or an existing file"),
+    'features': (lambda v: v == '' or (v.endswith('.npy') and os.path.isfile(v)), "'' or an existing .npy file"),
+    'images_dir': (lambda v: v == '' or os.path.isdir(v), "'' or an existing folder"),
+    'mirror': (lambda v: v == '' or urllib.parse.urlsplit(v).scheme in ('http', 'https', 'ftp', 'file'),
+               "'' or a URL with its scheme, like https://host/path/"),
+    'cnn': one_of(*CNN_DIMS),
+    'crops': one_of(1, 10),
+    'weights': (lambda v: v in ('imagenet', 'random') or os.path.isfile(v), 'imagenet, random or the path of a state_dict file'),
+    'batch_size': at_least(0),
+    'workers': at_least(0),
+    'decode': one_of(*DECODERS),
+    'dtype': one_of(*DTYPES),
+    'device': DEVICE,
+    'vocab_threshold': at_least(1),
+    'max_len': at_least(1),
+    'synthetic_sizes': (lambda v: re.fullmatch(r'0*[1-9]\d*,0*[1-9]\d*,0*[1-9]\d*', v) is not None,
+                        'three positive counts, train,val,test'),
+    'synthetic_dim': at_least(1),
+    'seed': SEED,
+}
 # -----------------------------------------------------------------------------
 
 SPLITS = ('train', 'val', 'test')
+LOCK_NAME = '.prep.lock'
+OUTPUTS = [f'{split}_{kind}' for split in SPLITS for kind in ('ims.npy', 'caps.txt', 'files.txt')] + ['vocab.json']
 
 
 def read_karpathy_json(path):
@@ -63,40 +95,60 @@ def read_karpathy_json(path):
     data = read_json(path, 'dataset json (Karpathy format)')
     if not isinstance(data, dict) or not isinstance(data.get('images'), list) or not data['images']:
         raise UserError(f"{path}: expected Karpathy's format, an object with a non-empty 'images' list")
-    images = []
+    images, first_entry = [], {}
     for n, entry in enumerate(data['images']):
-        where = f"{path}: image {n}"
-        if not isinstance(entry, dict) or 'split' not in entry or 'sentences' not in entry:
-            raise UserError(f"{where}: needs 'split' and 'sentences' (Karpathy's format)")
-        split = 'train' if entry['split'] == 'restval' else entry['split']
-        if split not in SPLITS:
-            raise UserError(f"{where}: unknown split {entry['split']!r} (expected train, restval, val or test)")
-        sentences = entry['sentences']
-        if not isinstance(sentences, list) or len(sentences) < CAPS_PER_IMAGE:
-            raise UserError(f"{where} ({entry.get('filename')}): {len(sentences) if isinstance(sentences, list) else 0} "
-                            f"captions; every image needs at least {CAPS_PER_IMAGE}")
-        captions = []
-        for s in sentences[:CAPS_PER_IMAGE]:
-            if isinstance(s, dict) and isinstance(s.get('tokens'), list):
-                words = ' '.join(str(t) for t in s['tokens']).lower().split()
-            elif isinstance(s, dict) and isinstance(s.get('raw'), str):
-                words = tokenize(s['raw'])
-            else:
-                raise UserError(f"{where}: a sentence without 'tokens' or 'raw'")
-            if not words:
-                raise UserError(f"{where} ({entry.get('filename')}): empty caption; fix or remove it in the json")
-            try:
-                ' '.join(words).encode('utf-8')
-            except UnicodeEncodeError as e:  # e.g. a lone surrogate escaped as \udc80 in the json
-                raise UserError(f"{where} ({entry.get('filename')}): a caption that is not valid Unicode text "
-                                f"({e.reason}); fix it in the json") from None
-            if len(words) > max_len:
-                raise UserError(f"{where} ({entry.get('filename')}): a caption of {len(words)} tokens "
-                                f"(more than --max_len={max_len}); fix it or raise --max_len")
-            captions.append(words)
-        file = os.path.join(entry.get('filepath', ''), str(entry.get('filename', f'image_{n}')))
-        images.append({'split': split, 'file': file, 'captions': captions})
+        image = read_image_entry(entry, f"{path}: image {n}")
+        if image['file'] in first_entry:  # it could sit in two splits: a test image trained on
+            raise UserError(f"{path}: images {first_entry[image['file']]} and {n} are both {image['file']}; "
+                            "an image may be listed once: remove or rename one of them")
+        first_entry[image['file']] = n
+        images.append(image)
     return images
+
+
+def read_image_entry(entry, where):
+    """One image of the json -> {'split', 'file', 'captions'}, every field checked for its type."""
+    if not isinstance(entry, dict) or 'split' not in entry or 'sentences' not in entry:
+        raise UserError(f"{where}: needs 'split' and 'sentences' (Karpathy's format)")
+    filename, filepath = entry.get('filename'), entry.get('filepath', '')
+    if not isinstance(filename, str) or not filename.strip() or not isinstance(filepath, str):
+        field, value = ('filepath', filepath) if isinstance(filename, str) and filename.strip() else ('filename', filename)
+        raise UserError(f"{where}: its '{field}' is {json.dumps(value)}; expected a file name (a string)")
+    where = f"{where} ({filename})"
+    split = 'train' if entry['split'] == 'restval' else entry['split']
+    if split not in SPLITS:
+        raise UserError(f"{where}: unknown split {entry['split']!r} (expected train, restval, val or test)")
+    sentences = entry['sentences']
+    if not isinstance(sentences, list):
+        raise UserError(f"{where}: 'sentences' is {json.dumps(sentences)[:40]}; expected a list of captions")
+    if len(sentences) < CAPS_PER_IMAGE:
+        raise UserError(f"{where}: {len(sentences)} captions; every image needs at least {CAPS_PER_IMAGE}")
+    return {'split': split, 'file': os.path.join(filepath, filename),
+            'captions': [read_caption(s, where) for s in sentences[:CAPS_PER_IMAGE]]}
+
+
+def read_caption(sentence, where):
+    """A sentence of the json -> its words: its 'tokens' lowercased (NFC, as utils.tokenize
+    reads a query), else its 'raw' text tokenized."""
+    if isinstance(sentence, dict) and isinstance(sentence.get('tokens'), list):
+        not_text = [t for t in sentence['tokens'] if not isinstance(t, str)]
+        if not_text:
+            raise UserError(f"{where}: a caption's 'tokens' holds {json.dumps(not_text[0])}; tokens are strings")
+        words = unicodedata.normalize('NFC', ' '.join(sentence['tokens'])).lower().split()
+    elif isinstance(sentence, dict) and isinstance(sentence.get('raw'), str):
+        words = tokenize(sentence['raw'])
+    else:
+        raise UserError(f"{where}: a sentence without 'tokens' (a list of strings) or 'raw' (a string)")
+    if not words:
+        raise UserError(f"{where}: empty caption; fix or remove it in the json")
+    try:
+        ' '.join(words).encode('utf-8')
+    except UnicodeEncodeError as e:  # e.g. a lone surrogate escaped as \udc80 in the json
+        raise UserError(f"{where}: a caption that is not valid Unicode text ({e.reason}); fix it in the json") from None
+    if len(words) > max_len:
+        raise UserError(f"{where}: a caption of {len(words)} tokens (more than --max_len={max_len}); "
+                        "fix it or raise --max_len")
+    return words
 
 
 def read_mat_features(path, n_images):
@@ -110,6 +162,7 @@ def read_mat_features(path, n_images):
         raise UserError(f"{path}: not a readable .mat file ({e}); download it again") from None
     if 'feats' not in mat:
         raise UserError(f"{path}: no variable 'feats' (Karpathy's vgg_feats.mat has one)")
+    check_real_numbers(mat['feats'], f"{path}: 'feats'", "it must be a numeric matrix, D x images")
     feats = np.asarray(mat['feats'], dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != n_images:
         raise UserError(f"{path}: 'feats' is {'x'.join(map(str, feats.shape))} but the dataset json has "
@@ -122,6 +175,7 @@ def read_npy_features(path, n_images):
         feats = np.load(path, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable .npy file ({e})") from None
+    check_real_numbers(feats, path, "save the (N, D) features with numpy.save")
     if feats.ndim != 2 or feats.shape[0] != n_images:
         raise UserError(f"{path}: shape {feats.shape}, expected ({n_images}, D): one row per image of the dataset json, in order")
     return np.asarray(feats, dtype=np.float32)
@@ -149,10 +203,20 @@ def build_vocab(captions, threshold):
     return {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(kept)}}
 
 
+def check_vocabulary(images, source):
+    """--vocab_threshold leaves at least one word of the train captions, said before the features are made."""
+    counts = collections.Counter(w for im in images if im['split'] == 'train' for words in im['captions'] for w in words)
+    if counts and max(counts.values()) < vocab_threshold:
+        word, count = counts.most_common(1)[0]
+        raise UserError(f"--vocab_threshold={vocab_threshold}: no word of the train captions of {source} occurs that "
+                        f"often (the most frequent, {word!r}, {count} times), so every word would be {UNK}; lower it")
+
+
 def write_prepared(out_dir, images, feats, meta):
-    """Write the split arrays, vocab.json and meta.json into a staging folder, then move them into
-    out_dir, meta.json last (its presence marks a complete dataset). A failure while writing (a
-    full disk, a bad input) leaves a previously prepared dataset in out_dir as it was."""
+    """Write everything (the synthetic set's dataset.json and pictures too) into a staging folder,
+    then move it into out_dir, meta.json last (its presence marks a complete dataset). A failure
+    or a kill while writing (a full disk, a bad input, Ctrl-C) leaves a previously prepared
+    dataset in out_dir as it was."""
     feats = normalize_rows(feats, meta['source'])
     staging = os.path.join(out_dir, '.prep-staging')
     shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
@@ -161,16 +225,31 @@ def write_prepared(out_dir, images, feats, meta):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # only reached with --force: the dataset is incomplete until the end
-    for name in sorted(os.listdir(staging), key=lambda name: name == 'meta.json'):
-        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    os.rmdir(staging)
+    swap_in(staging, out_dir)
     return meta
 
 
+def swap_in(staging, out_dir):
+    """Move the staged files over the old ones, meta.json last. An old folder (the synthetic
+    set's images/) cannot be renamed over: it is moved into the staging folder, deleted with it."""
+    replaced = os.path.join(staging, '.replaced')
+    os.makedirs(replaced)
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):  # only reached with --force: the dataset is incomplete until the end
+        os.replace(meta_path, os.path.join(replaced, 'meta.json'))
+    for name in sorted(set(os.listdir(staging)) - {'.replaced'}, key=lambda name: name == 'meta.json'):
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.replace(target, os.path.join(replaced, name))
+        os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging)
+
+
 def write_staged(staging, images, feats, meta):
+    os.makedirs(staging)
+    if meta['dataset'] == 'synthetic':
+        write_json(os.path.join(staging, 'dataset.json'), to_karpathy_json(images, 'synthetic'))
+        write_synthetic_pictures(images, os.path.join(staging, 'images'))
     meta['splits'] = {}
     split_source = meta.get('dataset_json', meta['source'])  # the file that assigns images to splits
     for split in SPLITS:
@@ -196,9 +275,22 @@ def write_staged(staging, images, feats, meta):
     return meta
 
 
+def refuse_to_overwrite(out_dir):
+    """prep.py replaces only a dataset it prepared itself (one with a meta.json), and that only
+    with --force=True; files it would write that are there without a meta.json are someone
+    else's (or a killed run's) and are replaced only with --force=True too."""
+    if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
+        raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
+    ours = OUTPUTS + (['dataset.json', 'images'] if dataset == 'synthetic' else [])
+    found = [name for name in ours if os.path.lexists(os.path.join(out_dir, name))]
+    if found and not force and not os.path.exists(os.path.join(out_dir, 'meta.json')):
+        raise UserError(f"{out_dir}: holds {', '.join(found)} but no meta.json, so prep.py did not prepare them; "
+                        "prepare into another --data_dir, or pass --force=True to replace them")
+
+
 def lock_dataset(folder):
-    """Only one prep.py writes a dataset at a time (utils.lock_folder)."""
-    return lock_folder(folder, '.prep.lock', 'prep.py', 'dataset')
+    """Only one prep.py writes a dataset at a time (utils.FolderLock)."""
+    return FolderLock(folder, LOCK_NAME, 'prep.py', 'dataset')
 
 
 # ----------------------------------------------------------------------------- features from images
@@ -331,17 +423,10 @@ def draw_synthetic(attrs):
 
 
 def write_synthetic_pictures(images, folder):
-    """All pictures into `folder`, written beside it first and renamed at the end, so that a
-    folder of that name is always complete."""
-    tmp = folder + '.tmp'
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    """All pictures into a new `folder` (in the staging folder: write_prepared moves it in place)."""
+    os.makedirs(folder)
     for im in images:
-        draw_synthetic(im['attributes']).save(os.path.join(tmp, im['file']), compress_level=1)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)  # only reached with --force
-    os.replace(tmp, folder)
+        draw_synthetic(im['attributes']).save(os.path.join(folder, im['file']), compress_level=1)
 
 
 def to_karpathy_json(images, name):
@@ -353,65 +438,77 @@ def to_karpathy_json(images, name):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv))
+    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
     out_dir = data_dir or os.path.join('data', dataset)
+    if not os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # else the lock, below, names a prep.py at work first
+        refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
     os.makedirs(out_dir, exist_ok=True)
     rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
-    lock = lock_dataset(out_dir) if rank == 0 else None  # noqa: F841 (held until main returns)
-    if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
-        raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
+    if rank != 0:
+        return prepare(out_dir, rank, world)
+    with lock_dataset(out_dir):
+        refuse_to_overwrite(out_dir)  # again under the lock: another prep.py may have finished meanwhile
+        prepare(out_dir, rank, world)
 
-    if dataset == 'synthetic' and rank != 0:
-        return
+
+def prepare(out_dir, rank, world):
+    """The dataset's images, captions and features, written into out_dir."""
     if dataset == 'synthetic':
-        try:
-            sizes = [int(x) for x in synthetic_sizes.split(',')]
-            assert len(sizes) == 3 and min(sizes) > 0
-        except (ValueError, AssertionError):
-            raise UserError(f"--synthetic_sizes={synthetic_sizes}: expected three positive counts, train,val,test") from None
+        if rank != 0:
+            return
+        sizes = [int(x) for x in synthetic_sizes.split(',')]
         images, feats = make_synthetic(sizes, synthetic_dim, np.random.default_rng(seed))
-        write_json(os.path.join(out_dir, 'dataset.json'), to_karpathy_json(images, 'synthetic'))
-        write_synthetic_pictures(images, os.path.join(out_dir, 'images'))
         # images_dir is relative to data_dir; the features are not computed from these pixels
         meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {seed})', 'images_dir': 'images'}
+        check_vocabulary(images, meta['source'])
     else:
-        check_cnn(cnn, crops)
-        json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
-        mat_path = os.path.join(out_dir, 'vgg_feats.mat')
-        if rank == 0 and dataset in SOURCES and not dataset_json and (not os.path.exists(json_path) or (
-                not features and not os.path.exists(mat_path) and not images_there(dataset, out_dir, images_dir))):
-            fetch(dataset, out_dir, mirror)
-        wait_for_all_ranks()
-        if not os.path.exists(json_path):
-            raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
-                            "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
-        images = read_karpathy_json(json_path)
-        meta = {'dataset': dataset, 'dataset_json': json_path}
-        if os.path.exists(os.path.join(out_dir, 'download.json')):
-            meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
-        if rank != 0 and (features or os.path.exists(mat_path)):
+        images, feats, meta = dataset_from_files(out_dir, rank, world)
+        if rank != 0:
             return
-        if features:
-            feats, meta['source'] = read_npy_features(features, len(images)), features
-        elif os.path.exists(mat_path):
-            feats, meta['source'] = read_mat_features(mat_path, len(images)), mat_path
-        else:
-            feats, bad, extraction = image_features(images, out_dir, rank, world)
-            if rank != 0:
-                return
-            meta.update(extraction, source=extraction['features_file'], cnn=cnn, crops=crops, weights=weights)
-            if weights == 'random':
-                meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
-            if bad:
-                meta['skipped_images'] = [{'file': images[i]['file'], 'reason': reason} for i, _, reason in bad]
-                dropped = {i for i, _, _ in bad}
-                keep = [i for i in range(len(images)) if i not in dropped]
-                images, feats = [images[i] for i in keep], feats[keep]
-                print(f"skipped {len(bad)} unreadable images and their {CAPS_PER_IMAGE * len(bad)} captions "
-                      f"(--skip_bad=True; listed in meta.json): " + ', '.join(p for _, p, _ in bad[:10]))
     meta = write_prepared(out_dir, images, feats, meta)
     counts = ', '.join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in meta['splits'].items())
     print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features; vocabulary {meta['vocab_size']} words")
+
+
+def dataset_from_files(out_dir, rank, world):
+    """(images, features, meta) of a dataset json and its features: --features, vgg_feats.mat, or
+    extracted from the images; downloaded first where the dataset is one prep.py knows.
+    Under torchrun the ranks other than 0 return (None, None, None) once their share is done."""
+    check_cnn(cnn, crops)
+    json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
+    mat_path = os.path.join(out_dir, 'vgg_feats.mat')
+    if rank == 0 and dataset in SOURCES and not dataset_json and (not os.path.exists(json_path) or (
+            not features and not os.path.exists(mat_path) and not images_there(dataset, out_dir, images_dir))):
+        fetch(dataset, out_dir, mirror)
+    wait_for_all_ranks()
+    if not os.path.exists(json_path):
+        raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
+                        "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
+    images = read_karpathy_json(json_path)
+    check_vocabulary(images, json_path)
+    meta = {'dataset': dataset, 'dataset_json': json_path}
+    if os.path.exists(os.path.join(out_dir, 'download.json')):
+        meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
+    if rank != 0 and (features or os.path.exists(mat_path)):
+        return None, None, None
+    if features:
+        return images, read_npy_features(features, len(images)), {**meta, 'source': features}
+    if os.path.exists(mat_path):
+        return images, read_mat_features(mat_path, len(images)), {**meta, 'source': mat_path}
+    feats, bad, extraction = image_features(images, out_dir, rank, world)
+    if rank != 0:
+        return None, None, None
+    meta.update(extraction, source=extraction['features_file'], cnn=cnn, crops=crops, weights=weights)
+    if weights == 'random':
+        meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
+    if bad:
+        meta['skipped_images'] = [{'file': images[i]['file'], 'reason': reason} for i, _, reason in bad]
+        dropped = {i for i, _, _ in bad}
+        keep = [i for i in range(len(images)) if i not in dropped]
+        images, feats = [images[i] for i in keep], feats[keep]
+        print(f"skipped {len(bad)} unreadable images and their {CAPS_PER_IMAGE * len(bad)} captions "
+              f"(--skip_bad=True; listed in meta.json): " + ', '.join(p for _, p, _ in bad[:10]))
+    return images, feats, meta
 
 
 if __name__ == '__main__':

@@ -26,8 +26,9 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (UserError, atomic_open, encode_captions, encode_images, encode_text, load_checkpoint, load_meta,
-                   load_split, load_vocab, lock_folder, parse_config, pick_device, retrieval_metrics, run_main)
+from utils import (DEVICE, FOLDER, SEED, FolderLock, UserError, at_least, atomic_open, encode_captions, encode_images,
+                   encode_text, file_advice, load_checkpoint, load_meta, load_split, load_vocab, non_negative, one_of,
+                   parse_config, pick_device, retrieval_metrics, run_main)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -39,28 +40,51 @@ max_violation = False     # True: only the hardest negative per query (VSE++)
 warmup_epochs = 0         # with max_violation: sum over all negatives for this many epochs first (from scratch it collapses)
 embed_dim = 1024          # joint space
 word_dim = 300            # word embeddings
-batch_size = 128
-learning_rate = 1e-3      # Adam
+batch_size = 128          # captions (with their images) per step; each one's negatives are the rest of its batch
+learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-level baseline)
 lr_decay_epoch = 0        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
-grad_clip = 2.0           # clip the gradient's global norm
-epochs = 15
+grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
+epochs = 15               # passes over the train captions
 patience = 0              # stop when val rsum has not improved for this many validations (best.pt kept); 0 = never
 val_images = 0            # validate on this many val images; 0 = all, except COCO's first 1,000 (as VSE++)
 eval_interval = 0         # validate and save every this many iterations; 0 = at the end of each epoch
 log_interval = 50         # iterations between loss lines in log.jsonl
 resume = False            # continue from out_dir/last.pt
-seed = 1234
+seed = 1234               # the initial weights and each epoch's caption order
 device = 'auto'           # auto = cuda, then mps, then cpu
 dtype = 'auto'            # auto: bfloat16 autocast for the encoders on CUDA, float32 elsewhere; or float32 | bfloat16
 compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# What each option must be, checked before any work (utils.check_options). val_images is checked
+# against the val split once it is loaded.
+OPTION_RULES = {
+    'data_dir': FOLDER,
+    'out_dir': FOLDER,
+    'measure': one_of('order', 'cosine'),
+    'margin': non_negative(),
+    'warmup_epochs': at_least(0),
+    'embed_dim': at_least(1),
+    'word_dim': at_least(1),
+    'batch_size': at_least(2, ': a caption alone in its batch has no negative to be contrasted with, and learns nothing'),
+    'learning_rate': non_negative('the weights stay as initialized'),
+    'lr_decay_epoch': at_least(0),
+    'grad_clip': non_negative('no clipping'),
+    'epochs': at_least(1),
+    'patience': at_least(0),
+    'val_images': at_least(0),
+    'eval_interval': at_least(0),
+    'log_interval': at_least(1),
+    'seed': SEED,
+    'device': DEVICE,
+    'dtype': one_of('auto', 'float32', 'bfloat16'),
+}
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
     config = read_config(argv)  # the constants above, overridden by argv; main reads them as plain names
     rank, world, dev = setup_distributed(device)
-    settings = SimpleNamespace(margin=margin, grad_clip=grad_clip, dtype=autocast_dtype(dtype, dev))
+    settings = SimpleNamespace(margin=margin, grad_clip=grad_clip or math.inf, dtype=autocast_dtype(dtype, dev))
     torch.manual_seed(seed)
     data = load_data(config['data_dir'], dev)
     n_caps, global_batch = len(data.tokens), batch_size * world
@@ -69,14 +93,14 @@ def main(argv):
     broadcast_weights(model)
     optimizer = make_optimizer(model, learning_rate)
     run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
-    if resume and run.resume(iters_per_epoch):
-        return
-    run.start_log()
-    if run.master:
-        print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} captions, "
-              f"{len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; validating on "
-              f"{len(data.val_feats)} val images; writing to {run.out_dir}")
-    with run, StopRequests() as stop:
+    with run, StopRequests() as stop:  # the run folder's lock and log are let go however the run ends
+        if resume and run.resume(iters_per_epoch):
+            return
+        run.start_log()
+        if run.master:
+            print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} "
+                  f"captions, {len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; "
+                  f"validating on {len(data.val_feats)} val images; writing to {run.out_dir}")
         while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
             epoch, start = divmod(run.iteration, iters_per_epoch)
             lr = learning_rate * (0.1 if lr_decay_epoch and epoch >= lr_decay_epoch else 1.0)
@@ -112,9 +136,7 @@ def read_config(argv):
     """The constants at the top with --name=value applied, made this module's globals (so that
     main reads them as plain names), with the folders' defaults filled in; returns them as the
     dict a checkpoint keeps. data_dir is kept absolute, so that eval.py finds it from anywhere."""
-    config = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    if config['measure'] not in ('order', 'cosine'):
-        raise UserError(f"--measure={config['measure']}: expected 'order' or 'cosine'")
+    config = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES)
     config['data_dir'] = os.path.abspath(config['data_dir'] or os.path.join('data', config['dataset']))
     config['out_dir'] = config['out_dir'] or os.path.join('checkpoints', config['dataset'])
     globals().update(config)
@@ -127,6 +149,9 @@ def load_data(data_folder, dev):
     vocab = load_vocab(data_folder)
     train_feats, train_caps = load_split(data_folder, 'train')
     val_feats, val_caps = load_split(data_folder, 'val')
+    if val_images > len(val_feats):
+        raise UserError(f"--val_images={val_images}: the val split of {data_folder} has {len(val_feats)} images; "
+                        "give at most that many, or 0 for all")
     n_val = val_images or (1000 if meta['dataset'] == 'coco' else len(val_feats))
     tokens, lengths = encode_captions(train_caps, vocab)
     return SimpleNamespace(vocab=vocab, feats=torch.from_numpy(train_feats).to(dev), tokens=tokens.to(dev),
@@ -216,9 +241,7 @@ class Run:
         self.grad_norms = torch.zeros(config['log_interval'], device=dev)
         self.iteration, self.best_rsum, self.since_best = 0, -1.0, 0
         self.saved_iteration = None  # the iteration last.pt holds
-        self.lock = lock_folder(self.out_dir, '.train.lock', 'train.py', 'run folder') if master else None
-        if master and not config['resume']:
-            refuse_used_folder(self.out_dir)
+        self.lock = take_run_folder(self.out_dir, config['resume']) if master else None
         self.log = None
 
     def resume(self, iters_per_epoch):
@@ -251,7 +274,10 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
         if isinstance(error, FloatingPointError):
@@ -278,9 +304,8 @@ class Run:
             self.log.write(json.dumps(record) + '\n')
             self.log.flush()
         except OSError as e:
-            advice = ("check the folder's permissions" if isinstance(e, PermissionError) else
-                      "free some disk space, then continue with --resume=True")
-            raise UserError(f"{self.log_path}: cannot write it ({e.strerror or e}); {advice}") from None
+            raise UserError(f"{self.log_path}: cannot write it ({e.strerror or e}); {file_advice(e)}, "
+                            "then continue with --resume=True") from None
 
     def check_finite(self):
         """Stop at the first NaN or inf since the last check: in a loss, a gradient norm or, after
@@ -356,19 +381,37 @@ def save_checkpoint(path, config, vocab, model, **state):
         f.write(buffer.getbuffer())
 
 
-def refuse_used_folder(out_dir):
-    """A new run never overwrites another run's results: it needs a folder of its own."""
+def take_run_folder(out_dir, resume):
+    """Lock out_dir for this run (one writer per run folder) and check what is in it. A folder
+    no train.py is at work in is checked before its lock file is made, so that a refusal leaves
+    it as it was; then again under the lock, where a run in progress is named first."""
+    lock_path = os.path.join(out_dir, '.train.lock')
+    if not os.path.exists(lock_path):
+        refuse_used_folder(out_dir, resume)
+    lock = FolderLock(out_dir, os.path.basename(lock_path), 'train.py', 'run folder')
+    try:
+        refuse_used_folder(out_dir, resume)
+    except UserError:
+        lock.release()
+        raise
+    return lock
+
+
+def refuse_used_folder(out_dir, resume):
+    """A new run never overwrites another run's results: it needs a folder of its own; a
+    resumed one needs the last.pt it continues from."""
+    last = os.path.join(out_dir, 'last.pt')
+    if resume and not os.path.exists(last):
+        raise UserError(f"{last}: no checkpoint to resume from; drop --resume=True to start a new run")
     used = [name for name in ('last.pt', 'best.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, name))]
     used += sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out_dir), 'results_*.json')))
-    if used:
+    if used and not resume:
         raise UserError(f"{out_dir} holds another run ({', '.join(used)}): pass --resume=True to continue it, "
                         "or choose another --out_dir")
 
 
 def resume_from(path, config, vocab, model, optimizer, dev):
     """Load last.pt into the model, the optimizer and the RNG; returns the checkpoint."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no checkpoint to resume from; drop --resume=True to start a new run")
     ckpt = load_checkpoint(path, dev)
     saved = ckpt['config']
     changed = [k for k in ('dataset', 'measure', 'embed_dim', 'word_dim', 'batch_size', 'seed') if saved.get(k) != config[k]]

@@ -4,10 +4,12 @@ Turning image files into features is features.py's."""
 import ast
 import errno
 import json
+import math
 import os
 import re
 import sys
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,9 +25,10 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_config(defaults, argv):
+def parse_config(defaults, argv, rules=None):
     """Apply `--name=value` overrides to a dict of defaults. Values are Python literals
-    (`--lr=3e-4`, `--max_violation=True`); anything else is taken as a string."""
+    (`--lr=3e-4`, `--max_violation=True`); anything else is taken as a string. Then every option
+    is checked against its rule (check_options), so that a bad value stops before any work."""
     config = dict(defaults)
     for arg in argv:
         if arg == '--debug':
@@ -45,15 +48,77 @@ def parse_config(defaults, argv):
         if isinstance(default, str) and not isinstance(value, str):
             value = text  # e.g. --split=1 stays the string '1'
         if type(value) is not type(default):
-            raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}")
+            kind = type(default).__name__
+            raise UserError(f"--{key}={text}: expected {'an' if kind == 'int' else 'a'} {kind} like {default!r}")
         config[key] = value
+    check_options(config, rules or {})
     return config
+
+
+def check_options(config, rules):
+    """Each option against what it must be, before any work: rules maps a name to (predicate,
+    what it must be), the text a function when it depends on the machine (see DEVICE)."""
+    for name, (ok, what) in rules.items():
+        if not ok(config[name]):
+            raise UserError(f"--{name}={config[name]}: must be {what() if callable(what) else what}")
+
+
+# Rules that several scripts' option tables use.
+def at_least(n, why=''):
+    return (lambda value: value >= n, f"at least {n}{why}")
+
+
+def non_negative(zero_means=''):
+    """A finite number of at least 0; zero_means: what 0 stands for, where it is allowed as 'off'."""
+    return (lambda value: math.isfinite(value) and value >= 0,
+            'a finite number of at least 0' + (f' (0: {zero_means})' if zero_means else ''))
+
+
+def one_of(*choices):
+    return (lambda value: value in choices, 'one of ' + ', '.join(map(str, choices)))
+
+
+def available_devices():
+    """The --device names this machine can run on."""
+    names = ['auto', 'cpu']
+    if torch.cuda.is_available():
+        names += ['cuda'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        names.append('mps')
+    return names
+
+
+SEED = (lambda value: 0 <= value < 2 ** 32, 'from 0 to 2**32 - 1 (what every random generator here takes)')
+FOLDER = (lambda value: not os.path.isfile(value), 'a folder, not a file')
+DEVICE = (lambda value: value in available_devices(), lambda: "one of this machine's devices: " + ', '.join(available_devices()))
+
+
+def print_help(module):
+    """--help: the script's first docstring line, then each option with its default and the
+    comment on its line at the top of the script."""
+    with open(module.__file__, encoding='utf-8') as f:
+        source = f.read()
+    lines = source.splitlines()
+    comments = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
+            comments[node.targets[0].id] = rest[1:].strip() if rest.startswith('#') else ''
+    name = os.path.basename(module.__file__)
+    summary = ' '.join((module.__doc__ or '').strip().split('\n\n')[0].split())
+    shown = {key: f"--{key}={getattr(module, key) if getattr(module, key) != '' else repr('')}" for key in module.CONFIG_KEYS}
+    width = max(map(len, shown.values()))
+    print(f"{name}: {summary}\n\nusage: python {name} [--name=value ...]\n\n"
+          + '\n'.join(f"  {shown[key]:{width}s}  {comments.get(key, '')}".rstrip() for key in module.CONFIG_KEYS))
 
 
 def run_main(main):
     """Run a script's main(argv). A UserError is one line on stderr and exit 1; with --debug
-    the traceback is shown instead."""
+    the traceback is shown instead. --help (or -h) lists the options instead of running."""
     argv = sys.argv[1:]
+    if '--help' in argv or '-h' in argv:
+        print_help(sys.modules[main.__module__])
+        return
     try:
         main(argv)
     except UserError as e:
@@ -67,12 +132,13 @@ def run_main(main):
     except OSError as e:  # the last net for a file system error no check above turned into a UserError
         if '--debug' in argv:
             raise
-        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; check the path, its permissions and the free disk space",
-              file=sys.stderr)
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; {file_advice(e)}", file=sys.stderr)
         sys.exit(1)
 
 
 def pick_device(name):
+    if name not in available_devices():
+        raise UserError(f"--device={name}: must be {DEVICE[1]()}")
     if name != 'auto':
         return torch.device(name)
     if torch.cuda.is_available():
@@ -110,8 +176,8 @@ def atomic_open(path, mode='wb'):
     except OSError as e:
         if in_body and not failed_write(e):
             raise  # the caller's own error (e.g. reading an input inside the block): not ours to name
-        raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some disk space or choose another "
-                        "folder, then run again (the previous version of the file, if any, is unchanged)") from None
+        raise UserError(f"{path}: cannot write it ({e.strerror or e}); {file_advice(e)}, then run again "
+                        "(the previous version of the file, if any, is unchanged)") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
@@ -121,6 +187,17 @@ def failed_write(e):
     """A full disk, a quota or a file size limit; numpy's tofile reports a short write without an errno."""
     return (e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EROFS, getattr(errno, 'EDQUOT', errno.ENOSPC))
             or (e.errno is None and ' requested and ' in str(e)))
+
+
+def file_advice(e):
+    """What to do about a file that could not be read or written: a permission problem is not a full disk."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "check the permissions of the file and its folder, or choose another folder"
+    if e.errno == errno.EROFS:
+        return "the file system is read-only; choose another folder"
+    if failed_write(e):
+        return "free some disk space or choose another folder"
+    return "check the path"
 
 
 def fsync_folder(folder):
@@ -136,33 +213,53 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def lock_folder(folder, name, program, what):
+class FolderLock:
     """One writer per folder: a second prep.py into a dataset, or train.py into a run folder,
-    stops at once instead of mixing its files with the first one's. The lock (an flock on
-    folder/name, which holds the owner's process id) lasts as long as the returned file is open."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; one writer at a time is then up to the user
-        return None
-    path = os.path.join(folder, name)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(path, 'a+')
-    except OSError as e:
-        raise UserError(f"{path}: cannot create the lock file ({e.strerror}); check the folder's permissions") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip()
-        f.close()
-        raise UserError(f"{folder}: another {program} is writing this {what} right now ({path} is locked"
-                        f"{f' by process {owner}' if owner.isdigit() else ''}); wait for it to finish, or use another "
-                        f"folder") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    stops at once instead of mixing its files with the first one's. The lock is an flock on
+    folder/name, a file holding the owner's process id; release() (or the end of a with block)
+    removes the file, so that a run leaves no trace of it (a killed one leaves it behind,
+    unlocked, for the next one to take over)."""
+
+    def __init__(self, folder, name, program, what):
+        self.path, self.file = os.path.join(folder, name), None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one writer at a time is then up to the user
+            return
+        try:
+            os.makedirs(folder, exist_ok=True)
+            while self.file is None:
+                f = open(self.path, 'a+')
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    owner = f.read().strip()
+                    f.close()
+                    raise UserError(f"{folder}: another {program} is writing this {what} right now ({self.path} is locked"
+                                    f"{f' by process {owner}' if owner.isdigit() else ''}); wait for it to finish, or use "
+                                    "another folder") from None
+                if os.path.exists(self.path) and os.path.samestat(os.stat(self.path), os.fstat(f.fileno())):
+                    self.file = f
+                else:  # its holder removed it between our open and our lock: lock the file there now
+                    f.close()
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the lock file ({e.strerror}); {file_advice(e)}") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.path)  # still locked: whoever opens it next finds it removed, and makes a new one
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def write_json(path, obj):
@@ -179,6 +276,8 @@ def read_json(path, what='file'):
         raise UserError(f"{path}: no such {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); restore or regenerate it") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to be a {what}; restore or regenerate it") from None
 
 
 # ----------------------------------------------------------------------------- prepared data
@@ -226,6 +325,7 @@ def load_split(data_dir, split):
             captions = f.read().splitlines()
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); {again}") from None
+    check_real_numbers(feats, ims_path, again)
     if feats.ndim != 2 or feats.shape[1] != meta['feature_dim']:
         raise UserError(f"{ims_path}: shape {feats.shape}, expected (images, {meta['feature_dim']}) as meta.json says; {again}")
     if len(captions) != CAPS_PER_IMAGE * len(feats):
@@ -238,6 +338,16 @@ def load_split(data_dir, split):
     if bad is not None:
         raise UserError(f"{ims_path}: row {bad} holds NaN or inf; {again}")
     return feats, captions
+
+
+def check_real_numbers(array, path, advice):
+    """What np.load or loadmat gave is an array of real numbers (not a .npz archive, complex
+    numbers, strings or cells, which a conversion to float32 would fail on or silently change)."""
+    if not isinstance(array, np.ndarray):
+        kind = 'a .npz archive' if isinstance(array, np.lib.npyio.NpzFile) else f'a {type(array).__name__}'
+        raise UserError(f"{path}: {kind}, not an array; {advice}")
+    if array.dtype.kind not in 'iuf':
+        raise UserError(f"{path}: an array of {array.dtype} values, expected real numbers; {advice}")
 
 
 def first_nonfinite_row(feats, rows=8192):
@@ -268,6 +378,11 @@ def load_checkpoint(path, device):
     missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a checkpoint written by train.py (no {', '.join(missing)})")
+    fields = {'measure': str, 'embed_dim': int, 'word_dim': int, 'data_dir': str}
+    lacking = [k for k, kind in fields.items() if not isinstance(ckpt['config'], dict) or not isinstance(ckpt['config'].get(k), kind)]
+    if lacking or not isinstance(ckpt['feature_dim'], int):
+        raise UserError(f"{path}: its config lacks {', '.join(lacking) or 'feature_dim'} (or holds the wrong type); "
+                        "not a checkpoint this train.py writes: train again")
     if not isinstance(ckpt['vocab'], dict) or ckpt['vocab'].get(PAD) != 0 or ckpt['vocab'].get(UNK) != 1:
         raise UserError(f"{path}: its vocabulary is not one prep.py writes; use a checkpoint written by train.py")
     return ckpt
@@ -351,5 +466,9 @@ def retrieval_metrics(scores):
 
 
 def tokenize(text):
-    """Karpathy's tokens: lowercase words, punctuation dropped."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """Karpathy's tokens: lowercase words, punctuation dropped. A word is a run of letters, digits
+    and their accents in any script (Unicode categories L, N, M), so that 'café' or '狗' is a word
+    as in the captions; for ASCII text these are exactly [a-z0-9]+. NFC first: an accent typed
+    as its own code point becomes the one letter the captions have."""
+    text = unicodedata.normalize('NFC', text).lower()
+    return ''.join(c if unicodedata.category(c)[0] in 'LNM' else ' ' for c in text).split()

@@ -325,7 +325,7 @@ def test_second_prep_on_the_same_dataset_is_refused(tmp_path):
     assert_user_error(run_here('prep', '--dataset=x', f'--data_dir={tmp_path}'),
                       'another prep.py is writing this dataset', '.prep.lock')
     assert no_outputs(tmp_path)
-    lock.close()
+    lock.release()
     assert run_here('prep', '--dataset=x', f'--data_dir={tmp_path}').returncode == 0
 
 
