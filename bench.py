@@ -46,7 +46,8 @@ from model import JointEmbedding, contrastive_loss, score_matrix
 from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone, cpu_runs_bfloat16,
                       default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
-from utils import DEVICE, SEED, at_least, one_of, parse_config, pick_device, retrieval_ranks, run_main, write_json
+from options import DEVICE, SEED, at_least, one_of, parse_config, pick_device, run_main
+from utils import retrieval_ranks, write_json
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
@@ -76,7 +77,7 @@ DEFAULTS = dict(feature_dim=4096, word_dim=300, embed_dim=1024, batch_size=128, 
                 extract_images=0, image_size=(640, 480))
 LENGTHS = (8, 15)
 STAGES = ('train', 'eval', 'extract')
-# What each option must be, checked before any work (utils.check_options).
+# What each option must be, checked before any work (options.check_options).
 OPTION_RULES = {
     'scale': one_of(*SCALES),
     'stages': (lambda v: v.split(',') != [''] and set(v.split(',')) <= set(STAGES),

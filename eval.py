@@ -24,9 +24,9 @@ import torch
 
 from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
-from utils import (DEVICE, UNK, UserError, at_least, atomic_open, encode_images, encode_text, load_checkpoint, load_meta,
-                   load_split, one_of, parse_config, pick_device, read_json, retrieval_metrics, retrieval_ranks, run_main,
-                   tokenize, write_json)
+from options import DEVICE, at_least, one_of, parse_config, pick_device, run_main
+from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_checkpoint, load_meta, load_split,
+                   read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -47,7 +47,7 @@ gallery_by = 'text'                # ... 'text': captions find images; 'image': 
 images_dir = ''                    # the folder the split's files are in; default: meta.json's images_dir, else the dataset json's folder
 compare = ''                       # run folders, comma-separated: print their results_<split>.json as one Markdown table
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-# What each option must be, checked before any work (utils.check_options); --split is checked
+# What each option must be, checked before any work (options.check_options); --split is checked
 # against the splits the dataset has, --query/--image against each other in check_use_options.
 OPTION_RULES = {
     'out_dir': (lambda v: v != '', 'a folder train.py wrote'),

@@ -29,9 +29,9 @@ import torch
 from download import SOURCES, fetch, images_there
 from features import (CNN_DIMS, DECODERS, DTYPES, check_cnn, default_batch_size, extract_dataset, resolve_decode,
                       resolve_dtype, setup_ranks, wait_for_all_ranks)
-from utils import (CAPS_PER_IMAGE, DEVICE, FOLDER, PAD, SEED, UNK, FolderLock, UserError, at_least, atomic_open,
-                   check_real_numbers, one_of, parse_config, pick_device, read_json, run_main, split_paths, tokenize,
-                   write_json)
+from options import DEVICE, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
+from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, read_json,
+                   split_paths, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -57,7 +57,7 @@ synthetic_sizes = '5000,1000,1000'   # train, val, test images
 synthetic_dim = 4096      # feature dimension, like VGG fc7
 seed = 1234               # the synthetic set's attributes, captions and features
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-# What each option must be, checked before any work (utils.check_options); a vocab_threshold that
+# What each option must be, checked before any work (options.check_options); a vocab_threshold that
 # leaves no word is found once the captions are read, before the features.
 OPTION_RULES = {
     'dataset': (lambda v: v != '', 'a name: flickr8k, flickr30k, coco, synthetic or your own'),

@@ -26,9 +26,9 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from utils import (DEVICE, FOLDER, SEED, FolderLock, UserError, at_least, atomic_open, encode_captions, encode_images,
-                   encode_text, file_advice, load_checkpoint, load_meta, load_split, load_vocab, non_negative, one_of,
-                   parse_config, pick_device, retrieval_metrics, run_main)
+from options import DEVICE, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, run_main
+from utils import (FolderLock, UserError, atomic_open, encode_captions, encode_images, encode_text, file_advice,
+                   load_checkpoint, load_meta, load_split, load_vocab, retrieval_metrics)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -55,7 +55,7 @@ device = 'auto'           # auto = cuda, then mps, then cpu
 dtype = 'auto'            # auto: bfloat16 autocast for the encoders on CUDA, float32 elsewhere; or float32 | bfloat16
 compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-# What each option must be, checked before any work (utils.check_options). val_images is checked
+# What each option must be, checked before any work (options.check_options). val_images is checked
 # against the val split once it is loaded.
 OPTION_RULES = {
     'data_dir': FOLDER,

@@ -1,13 +1,11 @@
-"""What the scripts (prep.py, train.py, eval.py, bench.py) share: the command line and its
-errors, safe file writing, the prepared-data format, checkpoints, and the retrieval metrics.
-Turning image files into features is features.py's."""
-import ast
+"""What the scripts (prep.py, train.py, eval.py, bench.py) share: the error users can fix
+(UserError), safe file writing and folder locks, the prepared-data format, checkpoints, text and
+image encoding with a trained model, and the retrieval metrics. The command line is options.py's;
+turning image files into features is features.py's."""
 import errno
 import json
-import math
 import os
 import re
-import sys
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -21,131 +19,6 @@ PAD, UNK = '<pad>', '<unk>'  # ids 0 and 1 in every vocab.json
 
 class UserError(Exception):
     """A problem the user can fix (a missing file, a bad option): printed as one line, exit 1."""
-
-
-# ----------------------------------------------------------------------------- command line
-
-def parse_config(defaults, argv, rules=None):
-    """Apply `--name=value` overrides to a dict of defaults. Values are Python literals
-    (`--lr=3e-4`, `--max_violation=True`); anything else is taken as a string. Then every option
-    is checked against its rule (check_options), so that a bad value stops before any work."""
-    config = dict(defaults)
-    for arg in argv:
-        if arg == '--debug':
-            continue
-        if not arg.startswith('--') or '=' not in arg:
-            raise UserError(f"argument {arg!r}: options are written --name=value")
-        key, text = arg[2:].split('=', 1)
-        if key not in config:
-            raise UserError(f"unknown option --{key}; the options are: " + ', '.join(sorted(config)))
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        default = config[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(default, str) and not isinstance(value, str):
-            value = text  # e.g. --split=1 stays the string '1'
-        if type(value) is not type(default):
-            kind = type(default).__name__
-            raise UserError(f"--{key}={text}: expected {'an' if kind == 'int' else 'a'} {kind} like {default!r}")
-        config[key] = value
-    check_options(config, rules or {})
-    return config
-
-
-def check_options(config, rules):
-    """Each option against what it must be, before any work: rules maps a name to (predicate,
-    what it must be), the text a function when it depends on the machine (see DEVICE)."""
-    for name, (ok, what) in rules.items():
-        if not ok(config[name]):
-            raise UserError(f"--{name}={config[name]}: must be {what() if callable(what) else what}")
-
-
-# Rules that several scripts' option tables use.
-def at_least(n, why=''):
-    return (lambda value: value >= n, f"at least {n}{why}")
-
-
-def non_negative(zero_means=''):
-    """A finite number of at least 0; zero_means: what 0 stands for, where it is allowed as 'off'."""
-    return (lambda value: math.isfinite(value) and value >= 0,
-            'a finite number of at least 0' + (f' (0: {zero_means})' if zero_means else ''))
-
-
-def one_of(*choices):
-    return (lambda value: value in choices, 'one of ' + ', '.join(map(str, choices)))
-
-
-def available_devices():
-    """The --device names this machine can run on."""
-    names = ['auto', 'cpu']
-    if torch.cuda.is_available():
-        names += ['cuda'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        names.append('mps')
-    return names
-
-
-SEED = (lambda value: 0 <= value < 2 ** 32, 'from 0 to 2**32 - 1 (what every random generator here takes)')
-FOLDER = (lambda value: not os.path.isfile(value), 'a folder, not a file')
-DEVICE = (lambda value: value in available_devices(), lambda: "one of this machine's devices: " + ', '.join(available_devices()))
-
-
-def print_help(module):
-    """--help: the script's first docstring line, then each option with its default and the
-    comment on its line at the top of the script."""
-    with open(module.__file__, encoding='utf-8') as f:
-        source = f.read()
-    lines = source.splitlines()
-    comments = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
-            comments[node.targets[0].id] = rest[1:].strip() if rest.startswith('#') else ''
-    name = os.path.basename(module.__file__)
-    summary = ' '.join((module.__doc__ or '').strip().split('\n\n')[0].split())
-    shown = {key: f"--{key}={getattr(module, key) if getattr(module, key) != '' else repr('')}" for key in module.CONFIG_KEYS}
-    width = max(map(len, shown.values()))
-    print(f"{name}: {summary}\n\nusage: python {name} [--name=value ...]\n\n"
-          + '\n'.join(f"  {shown[key]:{width}s}  {comments.get(key, '')}".rstrip() for key in module.CONFIG_KEYS))
-
-
-def run_main(main):
-    """Run a script's main(argv). A UserError is one line on stderr and exit 1; with --debug
-    the traceback is shown instead. --help (or -h) lists the options instead of running."""
-    argv = sys.argv[1:]
-    if '--help' in argv or '-h' in argv:
-        print_help(sys.modules[main.__module__])
-        return
-    try:
-        main(argv)
-    except UserError as e:
-        if '--debug' in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:  # the last net for a file system error no check above turned into a UserError
-        if '--debug' in argv:
-            raise
-        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; {file_advice(e)}", file=sys.stderr)
-        sys.exit(1)
-
-
-def pick_device(name):
-    if name not in available_devices():
-        raise UserError(f"--device={name}: must be {DEVICE[1]()}")
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
 
 
 # ----------------------------------------------------------------------------- safe writing
