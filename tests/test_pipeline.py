@@ -49,10 +49,25 @@ def test_untrained_model_is_near_chance(synthetic_dir, tmp_path):
 def test_cosine_max_violation_trains(synthetic_dir, tmp_path):
     out = tmp_path / 'vsepp'
     run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--epochs=3',
-               '--measure=cosine', '--margin=0.2', '--max_violation=True', '--learning_rate=2e-3', *SMALL)
+               '--measure=cosine', '--margin=0.2', '--max_violation=True', '--warmup_epochs=0', '--learning_rate=2e-3', *SMALL)
     run_script('eval.py', f'--out_dir={out}')
     result = json.load(open(out / 'results_test.json'))
     assert result['measure'] == 'cosine' and result['rsum'] > 200
+
+
+def test_patience_stops_when_validation_stops_improving(synthetic_dir, tmp_path):
+    """At learning rate 0 the validation rsum never improves on the first one: with --patience=2
+    training stops at the third validation, in the middle of the epoch, keeping best.pt, and a
+    resume says the run has finished."""
+    out = tmp_path / 'patient'
+    args = ['--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={out}', '--epochs=3', '--learning_rate=0',
+            '--patience=2', '--eval_interval=5', '--compile=False', *SMALL]
+    proc = run_script('train.py', *args)
+    assert proc.stdout.count('has not improved for 2 validations') == 1 and 'epoch 1:' not in proc.stdout, proc.stdout
+    log = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert [r['iteration'] for r in log if 'val' in r] == [5, 10, 15]
+    assert (out / 'best.pt').exists()
+    assert 'already finished' in run_script('train.py', *args, '--resume=True').stdout
 
 
 def test_checkpoint_errors(synthetic_dir, tmp_path):
