@@ -442,13 +442,19 @@ def main(argv):
     out_dir = data_dir or os.path.join('data', dataset)
     if not os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # else the lock, below, names a prep.py at work first
         refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
+    new_folder = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
     if rank != 0:
         return prepare(out_dir, rank, world)
-    with lock_dataset(out_dir):
-        refuse_to_overwrite(out_dir)  # again under the lock: another prep.py may have finished meanwhile
-        prepare(out_dir, rank, world)
+    try:
+        with lock_dataset(out_dir):
+            refuse_to_overwrite(out_dir)  # again under the lock: another prep.py may have finished meanwhile
+            prepare(out_dir, rank, world)
+    except BaseException:
+        if new_folder and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # a prep that stopped before writing anything leaves no trace
+        raise
 
 
 def prepare(out_dir, rank, world):

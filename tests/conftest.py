@@ -1,13 +1,23 @@
 """Shared test helpers: running the scripts as a user would, their error lines, small random
 batches; the oracles the fast code is held to (naive_step, reference_ranks) and input makers
-(image_dataset); a synthetic dataset, and a Flickr8k stand-in served on 127.0.0.1."""
+(image_dataset); a synthetic dataset, a Flickr8k stand-in served on 127.0.0.1, and the
+helpers several test files use (Karpathy-format files, running a script in this process or in
+the background, a tiny backbone, photo-like JPEGs)."""
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import scipy.io
+import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -302,3 +312,83 @@ def make_coco_files(folder, counts=None):
         names = [f"{r['filepath']}/{r['filename']}" for rows in tables.values() for r in rows if r['filepath'] == zip_name]
         zip_of_drawn_images(os.path.join(folder, f'{zip_name}.zip'), names, seed=400 if zip_name == 'train2014' else 500)
     return tables
+
+
+# ----------------------------------------------------------------------------- helpers several test files use
+
+WORDS = ['dog', 'cat', 'runs', 'sits', 'on', 'grass', 'snow', 'red', 'ball', 'man']
+
+def karpathy_dataset(splits, rng, val_only_word=None):
+    """A dataset.json in Karpathy's format: `splits` lists each image's split."""
+    images = []
+    for i, split in enumerate(splits):
+        sentences = []
+        for k in range(5 + (i % 3 == 0)):  # some images have 6 captions, like COCO's
+            tokens = ['a'] + list(rng.choice(WORDS, size=rng.integers(2, 6)))
+            if val_only_word and split == 'val':
+                tokens.append(val_only_word)
+            sentences.append({'raw': ' '.join(tokens).capitalize() + '.', 'tokens': tokens, 'sentid': 10 * i + k})
+        images.append({'filename': f'{i}.jpg', 'imgid': i, 'split': split, 'sentences': sentences})
+    return {'dataset': 'test', 'images': images}
+
+def write_pair(folder, splits, dim=64, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    data = karpathy_dataset(splits, rng, **kw)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump(data, f)
+    feats = rng.random((dim, len(splits))).astype(np.float32)  # D x N, as in vgg_feats.mat
+    scipy.io.savemat(os.path.join(folder, 'vgg_feats.mat'), {'feats': feats})
+    return data, feats
+
+def no_outputs(folder):
+    return not any(name.endswith(('.npy', 'caps.txt', 'meta.json', 'vocab.json')) and not name.startswith('mine')
+                   for name in os.listdir(folder))
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+def start(script, *args, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+def wait_for(proc, text):
+    """Read the process's output until a line contains text; returns the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return lines
+
+def run_here(script, *args):
+    """prep/train/eval's main in this process, through run_main as on the command line:
+    (returncode, stdout, stderr). The module is reloaded so that its config starts at the defaults."""
+    module = importlib.reload(importlib.import_module(script))
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [f'{script}.py', *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.run_main(module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+def tiny_backbone():
+    """Any (B, 3, 224, 224) -> (B, D) network will do to check the extraction machinery; a
+    small one keeps the test fast (the real backbones are checked on their own below)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
+
+def photo_like(size, seed, gray=False):
+    """Smooth colour fields plus pixel noise: compresses and resizes like a photograph."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    small = torch.rand(1, 3, h // 16 + 1, w // 16 + 1, generator=g)
+    big = torch.nn.functional.interpolate(small, size=(h, w), mode='bicubic', align_corners=False)[0]
+    big = big + 0.05 * torch.randn(big.shape, generator=g)
+    im = Image.fromarray((big.permute(1, 2, 0).clamp(0, 1) * 255).to(torch.uint8).numpy())
+    return im.convert('L') if gray else im

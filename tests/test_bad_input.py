@@ -22,9 +22,7 @@ import pytest
 import scipy.io
 import torch
 
-from conftest import assert_user_error
-from test_prep import write_pair
-from test_reliability import run_here, start, wait_for
+from conftest import assert_user_error, run_here, start, wait_for, write_pair
 
 SMALL = ['--dataset=synthetic', '--synthetic_sizes=60,20,20', '--synthetic_dim=32']
 TRAIN = ['--dataset=synthetic', '--epochs=1', '--embed_dim=16', '--word_dim=8', '--batch_size=8', '--compile=False']
@@ -434,3 +432,12 @@ def test_a_failed_write_gets_the_advice_of_its_cause(tmp_path, monkeypatch, code
             f.write('new')
     assert 'Permission denied' in str(e.value) and 'permissions' in str(e.value) and 'disk space' not in str(e.value)
     assert (tmp_path / 'out.json').read_text() == 'old'
+
+
+def test_a_refused_prep_into_a_new_folder_leaves_no_folder(tmp_path):
+    """A prep that stops before writing anything (here: a dataset json of the wrong shape) does
+    not leave behind the folder it made for the dataset."""
+    (tmp_path / 'dataset.json').write_text('{"hello": 1}')
+    proc = run_here('prep', '--dataset=x', f'--data_dir={tmp_path / "new"}', f'--dataset_json={tmp_path / "dataset.json"}')
+    assert_user_error(proc, 'dataset.json', "Karpathy's format")
+    assert not (tmp_path / 'new').exists()

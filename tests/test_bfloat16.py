@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import features
-from conftest import run_script
+from conftest import image_dataset, photo_like, run_script
 from features import build_backbone, extract_features, resolve_dtype
-from test_decode import photo_like
-from test_extract import image_dataset
 from utils import UserError
 
 CPU = torch.device('cpu')

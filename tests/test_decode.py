@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import features
-from conftest import assert_user_error, run_script
-from test_extract import image_dataset, tiny_backbone
+from conftest import assert_user_error, image_dataset, photo_like, run_script, tiny_backbone
 from features import (build_backbone, decode_jpeg_can_take, extract_features, image_transform, read_for_torch,
                       tensor_crops)
 from utils import UserError
@@ -21,17 +20,6 @@ CPU = torch.device('cpu')
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA'))]
 # (width, height): landscape, portrait, nearly square, wide, and a grayscale one (last)
 SIZES = [(300, 260), (240, 330), (257, 256), (500, 300), (280, 280)]
-
-
-def photo_like(size, seed, gray=False):
-    """Smooth colour fields plus pixel noise: compresses and resizes like a photograph."""
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    small = torch.rand(1, 3, h // 16 + 1, w // 16 + 1, generator=g)
-    big = torch.nn.functional.interpolate(small, size=(h, w), mode='bicubic', align_corners=False)[0]
-    big = big + 0.05 * torch.randn(big.shape, generator=g)
-    im = Image.fromarray((big.permute(1, 2, 0).clamp(0, 1) * 255).to(torch.uint8).numpy())
-    return im.convert('L') if gray else im
 
 
 def jpeg_bytes(im, **kw):

@@ -15,20 +15,12 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import ROOT, SHARED, assert_user_error, draw_image, image_dataset, run_script
+from conftest import ROOT, SHARED, assert_user_error, draw_image, image_dataset, run_script, tiny_backbone
 from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, build_backbone, extract_features, image_transform,
                       read_with_pil)
 from utils import UserError
 
 CPU = torch.device('cpu')
-
-
-def tiny_backbone():
-    """Any (B, 3, 224, 224) -> (B, D) network will do to check the extraction machinery; a
-    small one keeps the test fast (the real backbones are checked on their own below)."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
 
 
 def some_images(folder, n):

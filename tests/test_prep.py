@@ -6,34 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from conftest import assert_user_error, run_script
-
-WORDS = ['dog', 'cat', 'runs', 'sits', 'on', 'grass', 'snow', 'red', 'ball', 'man']
-
-
-def karpathy_dataset(splits, rng, val_only_word=None):
-    """A dataset.json in Karpathy's format: `splits` lists each image's split."""
-    images = []
-    for i, split in enumerate(splits):
-        sentences = []
-        for k in range(5 + (i % 3 == 0)):  # some images have 6 captions, like COCO's
-            tokens = ['a'] + list(rng.choice(WORDS, size=rng.integers(2, 6)))
-            if val_only_word and split == 'val':
-                tokens.append(val_only_word)
-            sentences.append({'raw': ' '.join(tokens).capitalize() + '.', 'tokens': tokens, 'sentid': 10 * i + k})
-        images.append({'filename': f'{i}.jpg', 'imgid': i, 'split': split, 'sentences': sentences})
-    return {'dataset': 'test', 'images': images}
-
-
-def write_pair(folder, splits, dim=64, seed=0, **kw):
-    rng = np.random.default_rng(seed)
-    data = karpathy_dataset(splits, rng, **kw)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-        json.dump(data, f)
-    feats = rng.random((dim, len(splits))).astype(np.float32)  # D x N, as in vgg_feats.mat
-    scipy.io.savemat(os.path.join(folder, 'vgg_feats.mat'), {'feats': feats})
-    return data, feats
+from conftest import assert_user_error, no_outputs, run_script, write_pair
 
 
 def test_json_and_mat_become_aligned_normalized_splits(tmp_path):
@@ -100,11 +73,6 @@ def test_dataset_without_test_split_prepares_train_and_val(tmp_path):
     write_pair(tmp_path / 'b', ['train'] * 4 + ['test'] * 2)
     assert_user_error(run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path / "b"}', check=False),
                       'dataset.json: no images in split', "'val'")
-
-
-def no_outputs(folder):
-    return not any(name.endswith(('.npy', 'caps.txt', 'meta.json', 'vocab.json')) and not name.startswith('mine')
-                   for name in os.listdir(folder))
 
 
 @pytest.mark.parametrize('case,fragment', [

@@ -5,10 +5,8 @@ second prep.py is one clear line, and bad input of every kind is named (see READ
 Scripts run in a subprocess where the process itself matters (kills, signals, file size limits);
 elsewhere in this process through run_main, as the command line would run them, which is faster.
 """
-import contextlib
 import fcntl
 import importlib
-import io
 import json
 import os
 import random
@@ -24,49 +22,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error
-from test_prep import no_outputs, write_pair
+from conftest import ENV, ROOT, assert_user_error, no_outputs, run_here, start, wait_for, write_pair
 
 # Tiny and frequent: a checkpoint every 3 iterations, a log line every 5, 94 iterations in all.
 TINY = ['--embed_dim=32', '--word_dim=16', '--batch_size=64', '--log_interval=5', '--eval_interval=3', '--epochs=2']
 # One thread: deterministic and, on a loaded machine, many times faster than competing OpenMP threads.
-ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
 def train_args(data, out, *extra):
     return ['--dataset=synthetic', f'--data_dir={data}', f'--out_dir={out}', *TINY, *extra]
-
-
-def start(script, *args, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def wait_for(proc, text):
-    """Read the process's output until a line contains text; returns the lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            break
-    return lines
-
-
-def run_here(script, *args):
-    """prep/train/eval's main in this process, through run_main as on the command line:
-    (returncode, stdout, stderr). The module is reloaded so that its config starts at the defaults."""
-    module = importlib.reload(importlib.import_module(script))
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = [f'{script}.py', *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.run_main(module.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def load(path):
