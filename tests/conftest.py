@@ -3,11 +3,17 @@ batches; the oracles the fast code is held to (naive_step, reference_ranks) and 
 (image_dataset); a synthetic dataset, a Flickr8k stand-in served on 127.0.0.1, and the
 helpers several test files use (Karpathy-format files, running a script in this process or in
 the background, a tiny backbone, photo-like JPEGs)."""
-import contextlib
+import os
+
+# Under pytest-xdist the workers share the cores: one thread each, inherited by the scripts they
+# run (OpenMP threads competing for a core are many times slower than one thread each).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import contextlib  # noqa: E402 (after the thread setting, which torch reads when it is imported)
 import importlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
