@@ -50,6 +50,9 @@ def worker(rank, world, out):
         share = len(idx) // world
         results.append(one_step(model, feats, tokens, lengths, idx[rank * share:(rank + 1) * share], cfg, world))
     torch.save(results, os.path.join(out, f'rank{rank}.pt'))
+    # Both ranks leave together: a rank that tears its group down while the other still talks
+    # to it can abort the other (gloo's "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
