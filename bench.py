@@ -43,11 +43,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
-from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone, cpu_runs_bfloat16,
+from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone,
                       default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
 from options import DEVICE, SEED, at_least, one_of, parse_config, pick_device, run_main
-from utils import retrieval_ranks, write_json
+from utils import cpu_runs_bfloat16, retrieval_ranks, write_json
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data

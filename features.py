@@ -3,7 +3,7 @@
 stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtype).
 
     CNN_DIMS, check_cnn, build_backbone      the networks up to their features, and their weights
-    DTYPES, cpu_runs_bfloat16, resolve_dtype float32, or bfloat16 autocast with channels_last
+    DTYPES, resolve_dtype                    float32, or bfloat16 autocast with channels_last
     image_transform                          PIL image -> normalized 224 crops (1 or 10)
     DECODERS, resolve_decode                 'pil' (in the workers) or 'torch' (decode_jpeg on the device)
     read_with_pil, read_for_torch,           reading files in DataLoader workers; a bad file
@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from utils import UserError, read_json, write_json
+from utils import UserError, cpu_runs_bfloat16, read_json, write_json
 
 CNN_DIMS = {'vgg16': 4096, 'vgg19': 4096, 'resnet152': 2048, 'efficientnet_lite0': 1280}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -127,15 +127,6 @@ def build_backbone(cnn, weights, device, dtype='float32'):
 # CUDA always fast; on a CPU only where the processor computes in bfloat16 itself, and there
 # only in the channels_last layout, the one oneDNN's bfloat16 kernels (AMX, AVX512-BF16) take.
 DTYPES = ('auto', 'float32', 'bfloat16')
-
-
-def cpu_runs_bfloat16():
-    """Whether this CPU computes in bfloat16 itself: AMX (Intel Xeon since Sapphire Rapids) or
-    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake), with oneDNN in this PyTorch. Elsewhere
-    oneDNN would emulate bfloat16 with float32 arithmetic and conversions: slower than float32."""
-    capabilities = torch.cpu.get_capabilities()
-    native = capabilities.get('amx_bf16', False) or capabilities.get('avx512_bf16', False)
-    return bool(native) and torch.backends.mkldnn.is_available()
 
 
 # On a CPU, bfloat16 moved EfficientNet-Lite0's features of real photos further than we accept

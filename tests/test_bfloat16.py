@@ -1,6 +1,6 @@
 """--dtype: bfloat16 autocast with channels_last against float32 through the real extraction,
-the choice of 'auto' (bfloat16 only where the processor runs it natively), and a resumed
-extraction that never mixes the two."""
+the choice of 'auto' for extraction and training (bfloat16 only where the processor runs it
+natively), and a resumed extraction that never mixes the two."""
 import contextlib
 import io
 import json
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import features
+import train
+import utils
 from conftest import image_dataset, photo_like, run_script
 from features import build_backbone, extract_features, resolve_dtype
 from utils import UserError
@@ -49,10 +51,15 @@ def test_auto_takes_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
                                  ({**avx512, 'avx512_bf16': True, 'amx_bf16': False}, True),
                                  ({**avx512, 'avx512_bf16': True, 'amx_bf16': True, 'amx_tile': True}, True)):
         monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: capabilities)
-        assert features.cpu_runs_bfloat16() == (native and torch.backends.mkldnn.is_available()), capabilities
-    # and what 'auto' makes of it
+        assert utils.cpu_runs_bfloat16() == (native and torch.backends.mkldnn.is_available()), capabilities
+    # and what 'auto' makes of it, for extraction and for training
     for native in (False, True):
         monkeypatch.setattr(features, 'cpu_runs_bfloat16', lambda: native)
+        monkeypatch.setattr(train, 'cpu_runs_bfloat16', lambda: native)
+        assert train.autocast_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
+        assert train.autocast_dtype('auto', torch.device('cuda')) == 'bfloat16'
+        assert train.autocast_dtype('auto', torch.device('mps')) == 'float32'
+        assert train.autocast_dtype('float32', CPU) == 'float32' and train.autocast_dtype('bfloat16', CPU) == 'bfloat16'
         assert resolve_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
         assert resolve_dtype('auto', torch.device('cuda')) == 'bfloat16'
         assert resolve_dtype('auto', CPU, 'efficientnet_lite0') == 'float32'  # its features moved too far
