@@ -55,7 +55,7 @@ stages = 'train,eval,extract'      # which stages to run, comma-separated
 out = 'bench.json'                 # every figure, as JSON
 device = 'auto'                    # auto = cuda, then mps, then cpu
 compile = True                     # as in train.py and eval.py: the torch.compile'd order kernels
-dtype = 'auto'                     # as in train.py: bfloat16 autocast for the encoders on CUDA, float32 elsewhere
+dtype = 'auto'                     # as in train.py and prep.py: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere
 train_iters = 0                    # training steps timed (and as many GRU-alone steps); 0 = the scale's default
 extract_images = 0                 # JPEG files drawn for the extract stage; 0 = the scale's default
 decode = prep.decode               # extract stage's decoder, as prep.py's --decode: auto | pil | torch
@@ -329,31 +329,32 @@ def pil_to_tensor(image, crop):
 
 
 def bench_extract(s, dev, gen):
-    """prep.py's extraction (features.extract_features with prep.py's batch size, workers,
-    decoder and dtype) on JPEG files drawn here, 224 crops, VGG16 with random weights (the rate
-    does not depend on them), the features saved as .npy as prep.py does; and the same in float32."""
+    """prep.py's extraction (features.extract_features with prep.py's batch size, workers and
+    decoder, in this script's --dtype) on JPEG files drawn here, 224 crops, VGG16 with random
+    weights (the rate does not depend on them), the features saved as .npy as prep.py does; and
+    the same in float32."""
     # on a GPU as many images as Flickr8k has, so that the workers' start-up weighs what it weighs in prep.py
     count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 16)
     batch = prep.batch_size or default_batch_size(dev)
-    decoder, dtype = resolve_decode(decode, dev), resolve_dtype(prep.dtype, dev, 'vgg16')
+    decoder, net_dtype = resolve_decode(decode, dev), resolve_dtype(dtype, dev, 'vgg16')
     result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
-              'workers': prep.workers, 'decoder': decoder, 'dtype': dtype, **cpu_bfloat16_support()}
+              'workers': prep.workers, 'decoder': decoder, 'dtype': net_dtype, **cpu_bfloat16_support()}
     with tempfile.TemporaryDirectory() as folder:
         paths = draw_jpegs(folder, count, s['image_size'], gen)
         saved = os.path.join(folder, 'features.npy')
-        net = random_vgg16(dev, dtype)
+        net = random_vgg16(dev, net_dtype)
         for crops, suffix in ((1, ''), (10, '_10crop')):
-            result['ours' + suffix] = extraction_rate(net, paths, crops, dev, batch, decoder, dtype, saved)
-        result['ours_float32'] = result['ours'] if dtype == 'float32' else extraction_rate(
+            result['ours' + suffix] = extraction_rate(net, paths, crops, dev, batch, decoder, net_dtype, saved)
+        result['ours_float32'] = result['ours'] if net_dtype == 'float32' else extraction_rate(
             random_vgg16(dev, 'float32'), paths, 1, dev, batch, decoder, 'float32', saved)
         result.update(decode_rates(paths, dev, batch))
-        result['vgg16_forward'] = forward_rate(net, count, batch, dev, dtype)
+        result['vgg16_forward'] = forward_rate(net, count, batch, dev, net_dtype)
         naive_paths = paths[:min(count, 4)]
         result['naive'] = len(naive_paths) / timed(functools.partial(naive_extract, naive_paths, fc7_network(dev), dev), dev)
     result.update(extract_ceilings(result, decoder, batch, dev))
     result['speedup_over_naive'] = result['ours'] / result['naive']
     result['speedup_over_float32'] = result['ours'] / result['ours_float32']
-    print(f"extract: {dtype} ({'CPU ' + describe_cpu_bfloat16(result) if dev.type == 'cpu' else dev.type}): 1-crop "
+    print(f"extract: {net_dtype} ({'CPU ' + describe_cpu_bfloat16(result) if dev.type == 'cpu' else dev.type}): 1-crop "
           f"{result['ours']:.3g} images/s; float32 batched {result['ours_float32']:.3g}; naive {result['naive']:.3g}")
     return result
 
