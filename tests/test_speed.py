@@ -163,11 +163,11 @@ def test_bench_tiny_writes_a_complete_report(tmp_path):
     assert 0 < ex['ceiling'] <= ex['vgg16_forward'] and ex['ceiling_10crop'] <= ex['vgg16_forward'] / 10
 
 
-def test_bench_dtype_sets_training_and_extraction(tmp_path):
+def test_bench_dtype_sets_extraction_too(tmp_path):
     out = tmp_path / 'bench.json'
-    run_script('bench.py', '--scale=tiny', '--stages=train,extract', '--dtype=float32', f'--out={out}', timeout=300)
+    run_script('bench.py', '--scale=tiny', '--stages=extract', '--dtype=float32', f'--out={out}', timeout=300)
     report = json.loads(out.read_text())
-    assert report['train']['dtype'] == 'float32' and report['extract']['dtype'] == 'float32'
+    assert report['extract']['dtype'] == 'float32'
     assert report['extract']['ours_float32'] == report['extract']['ours']  # one float32 path, timed once
 
 
