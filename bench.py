@@ -333,8 +333,8 @@ def bench_extract(s, dev, gen):
     decoder, in this script's --dtype) on JPEG files drawn here, 224 crops, VGG16 with random
     weights (the rate does not depend on them), the features saved as .npy as prep.py does; and
     the same in float32."""
-    # As many images as it takes for the decoding workers' start-up to weigh about what it weighs in
-    # prep.py: Flickr8k's number on a GPU; on a CPU 64 (with 16 the start-up was a third of the time)
+    # Enough images that the decoding workers' start-up weighs about what it weighs in prep.py:
+    # Flickr8k's number on a GPU; on a CPU, 64 at a few seconds each batch (docs/speed.md)
     count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 64)
     batch = prep.batch_size or default_batch_size(dev)
     decoder, net_dtype = resolve_decode(decode, dev), resolve_dtype(dtype, dev, 'vgg16')

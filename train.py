@@ -175,7 +175,7 @@ def make_optimizer(model, lr):
 def autocast_dtype(name, dev):
     """--dtype as the name of the dtype the encoders run in: bfloat16 autocast by default on
     CUDA (cuDNN's GRU runs wholly in bfloat16 there) and on a CPU that computes in bfloat16
-    itself (on real Flickr8k as good as float32 and 2.8 times faster: docs/recipe.md), float32
+    itself (as good as float32 on real Flickr8k, and faster: docs/recipe.md), float32
     elsewhere, where bfloat16 would be emulated and slower."""
     if name not in ('auto', 'float32', 'bfloat16'):
         raise UserError(f"--dtype={name}: expected auto, float32 or bfloat16")
