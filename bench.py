@@ -46,8 +46,9 @@ from model import JointEmbedding, contrastive_loss, score_matrix
 from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone,
                       default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
-from options import DEVICE, SEED, at_least, one_of, parse_config, pick_device, run_main
-from utils import cpu_runs_bfloat16, retrieval_ranks, write_json
+from options import (DEVICE, DTYPES, SEED, at_least, cpu_runs_bfloat16, one_of, parse_config, pick_device, pick_dtype,
+                     run_main)
+from utils import retrieval_ranks, write_json
 
 # ----------------------------------------------------------------------------- config
 scale = 'coco'                     # tiny | flickr8k | flickr30k | coco: sizes of the synthetic data
@@ -87,6 +88,7 @@ OPTION_RULES = {
     'train_iters': at_least(0),
     'extract_images': at_least(0),
     'decode': one_of(*DECODERS),
+    'dtype': one_of(*DTYPES),
     'seed': SEED,
 }
 
@@ -121,7 +123,7 @@ def synthetic_training_set(s, dev, gen):
 def bench_train(s, dev, gen):
     feats, tokens, lengths = synthetic_training_set(s, dev, gen)
     cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
-    cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], compile, train.autocast_dtype(dtype, dev)
+    cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], compile, pick_dtype(dtype, dev)
     model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
     optimizer = train.make_optimizer(model, cfg.learning_rate)
     gru = torch.nn.GRU(s['word_dim'], s['embed_dim'], batch_first=True).to(dev)

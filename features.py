@@ -3,7 +3,7 @@
 stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtype).
 
     CNN_DIMS, check_cnn, build_backbone      the networks up to their features, and their weights
-    DTYPES, resolve_dtype                    float32, or bfloat16 autocast with channels_last
+    resolve_dtype, uses_channels_last        float32, or bfloat16 autocast with channels_last
     image_transform                          PIL image -> normalized 224 crops (1 or 10)
     DECODERS, resolve_decode                 'pil' (in the workers) or 'torch' (decode_jpeg on the device)
     read_with_pil, read_for_torch,           reading files in DataLoader workers; a bad file
@@ -23,7 +23,8 @@ import warnings
 import numpy as np
 import torch
 
-from utils import UserError, cpu_runs_bfloat16, read_json, write_json
+from options import pick_dtype
+from utils import UserError, read_json, write_json
 
 CNN_DIMS = {'vgg16': 4096, 'vgg19': 4096, 'resnet152': 2048, 'efficientnet_lite0': 1280}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -123,26 +124,16 @@ def build_backbone(cnn, weights, device, dtype='float32'):
 
 
 # ----------------------------------------------------------------------------- number format
-# bfloat16 autocast: convolutions and matrix products in bfloat16, accumulated in float32. On
-# CUDA always fast; on a CPU only where the processor computes in bfloat16 itself, and there
-# only in the channels_last layout, the one oneDNN's bfloat16 kernels (AMX, AVX512-BF16) take.
-DTYPES = ('auto', 'float32', 'bfloat16')
-
-
-# On a CPU, bfloat16 moved EfficientNet-Lite0's features of real photos further than we accept
-# (worst-image cosine to float32 0.997, docs/bfloat16.md): 'auto' keeps it in float32 there.
+# On a CPU oneDNN's bfloat16 kernels (AMX, AVX512-BF16) take only the channels_last layout.
+# bfloat16 moved EfficientNet-Lite0's features of real photos further than we accept (worst-image
+# cosine to float32 0.997, docs/bfloat16.md): 'auto' keeps it in float32 on a CPU.
 FLOAT32_ON_CPU = ('efficientnet_lite0',)
 
 
 def resolve_dtype(dtype, device, cnn='vgg16'):
-    """'auto' -> 'bfloat16' on CUDA and on a CPU that runs it natively (but for the networks in
-    FLOAT32_ON_CPU), 'float32' elsewhere."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
-    if dtype == 'auto':
-        native = device.type == 'cuda' or (device.type == 'cpu' and cpu_runs_bfloat16() and cnn not in FLOAT32_ON_CPU)
-        return 'bfloat16' if native else 'float32'
-    return dtype
+    """--dtype of an extraction: options.pick_dtype, with the networks in FLOAT32_ON_CPU kept in
+    float32 on a CPU by 'auto'."""
+    return pick_dtype(dtype, device, float32_on_cpu=cnn in FLOAT32_ON_CPU)
 
 
 def uses_channels_last(device, dtype):

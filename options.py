@@ -5,6 +5,7 @@ turns a UserError into one line on stderr and exit status 1.
     parse_config, check_options   the options of a script, parsed and checked
     at_least, non_negative, one_of, SEED, FOLDER, DEVICE   rules the tables are made of
     available_devices, pick_device   --device
+    DTYPES, cpu_runs_bfloat16, pick_dtype   --dtype: float32, or bfloat16 where it is native
     print_help, run_main          --help, and running a script's main(argv)
 """
 import ast
@@ -141,3 +142,28 @@ def pick_device(name):
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
         return torch.device('mps')
     return torch.device('cpu')
+
+
+# bfloat16 autocast: matrix products and convolutions in bfloat16, accumulated in float32. Fast on
+# CUDA, and on a CPU only where the processor computes in bfloat16 itself; elsewhere oneDNN
+# emulates it with float32 arithmetic and conversions, slower than float32 (docs/speed.md).
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def cpu_runs_bfloat16():
+    """AMX (Intel Xeon since Sapphire Rapids) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+    Lake), with oneDNN in this PyTorch."""
+    capabilities = torch.cpu.get_capabilities()
+    native = capabilities.get('amx_bf16', False) or capabilities.get('avx512_bf16', False)
+    return bool(native) and torch.backends.mkldnn.is_available()
+
+
+def pick_dtype(name, device, float32_on_cpu=False):
+    """--dtype for training and extraction: 'auto' -> 'bfloat16' on CUDA and on a CPU that runs it
+    natively (unless float32_on_cpu), 'float32' elsewhere (MPS included)."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype={name}: expected one of {', '.join(DTYPES)}")
+    if name != 'auto':
+        return name
+    native = device.type == 'cuda' or (device.type == 'cpu' and cpu_runs_bfloat16() and not float32_on_cpu)
+    return 'bfloat16' if native else 'float32'

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from features import (CNN_DIMS, DECODERS, DTYPES, check_cnn, default_batch_size, extract_dataset, resolve_decode,
+from features import (CNN_DIMS, DECODERS, check_cnn, default_batch_size, extract_dataset, resolve_decode,
                       resolve_dtype, setup_ranks, wait_for_all_ranks)
-from options import DEVICE, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
+from options import DEVICE, DTYPES, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
 from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, read_json,
                    split_paths, tokenize, write_json)
 

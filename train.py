@@ -26,9 +26,10 @@ import torch.distributed.nn
 from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
-from options import DEVICE, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, run_main
-from utils import (FolderLock, UserError, atomic_open, cpu_runs_bfloat16, encode_captions, encode_images, encode_text,
-                   file_advice, load_checkpoint, load_meta, load_split, load_vocab, retrieval_metrics)
+from options import (DEVICE, DTYPES, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, pick_dtype,
+                     run_main)
+from utils import (FolderLock, UserError, atomic_open, encode_captions, encode_images, encode_text, file_advice,
+                   load_checkpoint, load_meta, load_split, load_vocab, retrieval_metrics)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -76,7 +77,7 @@ OPTION_RULES = {
     'log_interval': at_least(1),
     'seed': SEED,
     'device': DEVICE,
-    'dtype': one_of('auto', 'float32', 'bfloat16'),
+    'dtype': one_of(*DTYPES),
 }
 # -----------------------------------------------------------------------------
 
@@ -84,7 +85,7 @@ OPTION_RULES = {
 def main(argv):
     config = read_config(argv)  # the constants above, overridden by argv; main reads them as plain names
     rank, world, dev = setup_distributed(device)
-    settings = SimpleNamespace(margin=margin, grad_clip=grad_clip or math.inf, dtype=autocast_dtype(dtype, dev))
+    settings = SimpleNamespace(margin=margin, grad_clip=grad_clip or math.inf, dtype=pick_dtype(dtype, dev))
     torch.manual_seed(seed)
     data = load_data(config['data_dir'], dev)
     n_caps, global_batch = len(data.tokens), batch_size * world
@@ -170,19 +171,6 @@ def epoch_order(n, epoch):
 
 def make_optimizer(model, lr):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: one kernel for all parameters
-
-
-def autocast_dtype(name, dev):
-    """--dtype as the name of the dtype the encoders run in: bfloat16 autocast by default on
-    CUDA (cuDNN's GRU runs wholly in bfloat16 there) and on a CPU that computes in bfloat16
-    itself (as good as float32 on real Flickr8k, and faster: docs/recipe.md), float32
-    elsewhere, where bfloat16 would be emulated and slower."""
-    if name not in ('auto', 'float32', 'bfloat16'):
-        raise UserError(f"--dtype={name}: expected auto, float32 or bfloat16")
-    if name == 'auto':
-        native = dev.type == 'cuda' or (dev.type == 'cpu' and cpu_runs_bfloat16())
-        return 'bfloat16' if native else 'float32'
-    return name
 
 
 # ----------------------------------------------------------------------------- one training step

@@ -1,7 +1,6 @@
 """What the scripts (prep.py, train.py, eval.py, bench.py) share: the error users can fix
 (UserError), safe file writing and folder locks, the prepared-data format, checkpoints, text and
-image encoding with a trained model, the retrieval metrics, and whether the CPU computes in
-bfloat16 (the default number format of extraction and training). The command line is options.py's;
+image encoding with a trained model, and the retrieval metrics. The command line is options.py's;
 turning image files into features is features.py's."""
 import errno
 import json
@@ -295,15 +294,6 @@ def encode_images(model, feats, batch_size=1024):
     dev = next(model.parameters()).device
     feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
     return torch.cat([model.encode_images(feats[i:i + batch_size].to(dev)) for i in range(0, len(feats), batch_size)])
-
-
-def cpu_runs_bfloat16():
-    """Whether this CPU computes in bfloat16 itself: AMX (Intel Xeon since Sapphire Rapids) or
-    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake), with oneDNN in this PyTorch. Elsewhere
-    oneDNN would emulate bfloat16 with float32 arithmetic and conversions: slower than float32."""
-    capabilities = torch.cpu.get_capabilities()
-    native = capabilities.get('amx_bf16', False) or capabilities.get('avx512_bf16', False)
-    return bool(native) and torch.backends.mkldnn.is_available()
 
 
 # ----------------------------------------------------------------------------- metrics

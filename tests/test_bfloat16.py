@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import features
-import train
-import utils
+import options
 from conftest import image_dataset, photo_like, run_script
 from features import build_backbone, extract_features, resolve_dtype
+from options import pick_dtype
 from utils import UserError
 
 CPU = torch.device('cpu')
@@ -51,22 +50,22 @@ def test_auto_takes_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
                                  ({**avx512, 'avx512_bf16': True, 'amx_bf16': False}, True),
                                  ({**avx512, 'avx512_bf16': True, 'amx_bf16': True, 'amx_tile': True}, True)):
         monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: capabilities)
-        assert utils.cpu_runs_bfloat16() == (native and torch.backends.mkldnn.is_available()), capabilities
-    # and what 'auto' makes of it, for extraction and for training
+        assert options.cpu_runs_bfloat16() == (native and torch.backends.mkldnn.is_available()), capabilities
+    # and what 'auto' makes of it, for training (pick_dtype) and for extraction (resolve_dtype)
     for native in (False, True):
-        monkeypatch.setattr(features, 'cpu_runs_bfloat16', lambda: native)
-        monkeypatch.setattr(train, 'cpu_runs_bfloat16', lambda: native)
-        assert train.autocast_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
-        assert train.autocast_dtype('auto', torch.device('cuda')) == 'bfloat16'
-        assert train.autocast_dtype('auto', torch.device('mps')) == 'float32'
-        assert train.autocast_dtype('float32', CPU) == 'float32' and train.autocast_dtype('bfloat16', CPU) == 'bfloat16'
+        monkeypatch.setattr(options, 'cpu_runs_bfloat16', lambda: native)
+        assert pick_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
+        assert pick_dtype('auto', torch.device('cuda')) == 'bfloat16'
+        assert pick_dtype('auto', torch.device('mps')) == 'float32'
+        assert pick_dtype('float32', CPU) == 'float32' and pick_dtype('bfloat16', CPU) == 'bfloat16'
         assert resolve_dtype('auto', CPU) == ('bfloat16' if native else 'float32')
         assert resolve_dtype('auto', torch.device('cuda')) == 'bfloat16'
         assert resolve_dtype('auto', CPU, 'efficientnet_lite0') == 'float32'  # its features moved too far
         assert resolve_dtype('auto', torch.device('mps')) == 'float32'
         assert resolve_dtype('float32', CPU) == 'float32' and resolve_dtype('bfloat16', CPU) == 'bfloat16'
-    with pytest.raises(UserError, match='--dtype=half'):
-        resolve_dtype('half', CPU)
+    for resolve in (pick_dtype, resolve_dtype):
+        with pytest.raises(UserError, match='--dtype=half'):
+            resolve('half', CPU)
 
 
 def test_resumed_extraction_with_another_dtype_starts_again(tmp_path):
