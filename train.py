@@ -203,9 +203,19 @@ def train_step(model, optimizer, feats, tokens, lengths, idx, settings):
     loss.backward()
     if dist.is_initialized():
         average_gradients(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    grad_norm = clip_in_step(model, optimizer, settings.grad_clip)
     optimizer.step()
     return loss.detach(), grad_norm
+
+
+def clip_in_step(model, optimizer, max_norm):
+    """clip_grad_norm_'s clipping, folded into fused Adam: the step divides each gradient by
+    optimizer.grad_scale as it reads it (the hook torch.amp.GradScaler uses), so the gradients
+    are not rewritten in a pass of their own. Returns the global norm before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)   # 1 / clip_grad_norm_'s coefficient
+    return norm
 
 
 @torch.no_grad()

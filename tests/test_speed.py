@@ -141,6 +141,54 @@ def test_bfloat16_step_runs_the_encoder_in_bfloat16_and_the_loss_in_float32():
     assert losses['bfloat16'].item() == pytest.approx(losses['float32'].item(), rel=0.02)
 
 
+def test_bfloat16_train_step_follows_the_plain_float32_step():
+    """The default CPU step (bfloat16 autocast, compiled order kernels, clipping folded into
+    fused Adam) against the plain float32 step from the same start: losses and weights agree to
+    bfloat16's precision, step after step, with the clip active at each of them."""
+    torch.manual_seed(0)
+    feats, tokens, lengths = caption_batch(16, 80)
+    cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=0.5, dtype='bfloat16')
+    fast = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
+    plain = JointEmbedding(24, 30, 8, 32, 'order')
+    plain.load_state_dict(fast.state_dict())
+    fast_opt = train.make_optimizer(fast, 1e-3)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, foreach=False)
+    for step in range(3):
+        idx = torch.randperm(80)[:32]
+        loss, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        assert norm > cfg.grad_clip
+        expected = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
+        assert loss.item() == pytest.approx(expected.item(), rel=0.02)
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        # Adam moves each weight by about lr per step whatever the gradient's size: a weight
+        # may differ by a step or so where bfloat16 flipped a small gradient's sign, not more
+        assert (p - q).abs().max() < 3 * 3e-3, name
+
+
+def test_clipping_in_the_step_equals_clip_grad_norm():
+    """clip_in_step's norm is clip_grad_norm_'s, and fused Adam's steps with it are Adam's steps
+    on gradients clipped by clip_grad_norm_: a clipped step, then one under the limit (Adam is
+    blind to a constant scale, not to one step's scale against the next)."""
+    torch.manual_seed(0)
+    ours, plain, unclipped = (torch.nn.Linear(6, 5) for _ in range(3))
+    plain.load_state_dict(ours.state_dict())
+    unclipped.load_state_dict(ours.state_dict())
+    ours_opt = train.make_optimizer(ours, 1e-2)
+    plain_opt, unclipped_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, foreach=False) for m in (plain, unclipped))
+    for scale in (10.0, 0.01):
+        grads = [torch.randn_like(p) * scale for p in ours.parameters()]
+        for model in (ours, plain, unclipped):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+        norm = train.clip_in_step(ours, ours_opt, 0.5)
+        assert norm.item() == pytest.approx(torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5).item(), rel=1e-6)
+        for opt in (ours_opt, plain_opt, unclipped_opt):
+            opt.step()
+    for p, q, r in zip(ours.parameters(), plain.parameters(), unclipped.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(p, r, rtol=1e-3, atol=1e-4)
+
+
 def test_bench_tiny_writes_a_complete_report(tmp_path):
     out = tmp_path / 'bench.json'
     proc = run_script('bench.py', '--scale=tiny', f'--out={out}', timeout=300)
