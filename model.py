@@ -13,12 +13,17 @@ from kernels import compiled_order_scores, score_matrix, tiled_order_scores  # n
 class JointEmbedding(nn.Module):
     """Images (precomputed CNN features) and captions (token ids) into one embed_dim space."""
 
-    def __init__(self, feature_dim, vocab_size, word_dim=300, embed_dim=1024, measure='order', compiled=False):
+    def __init__(self, feature_dim, vocab_size, word_dim=300, embed_dim=1024, measure='order', compiled=False,
+                 word_dropout=0.0, image_dropout=0.0):
         super().__init__()
         if measure not in ('order', 'cosine'):
             raise ValueError(f"measure must be 'order' or 'cosine', not {measure!r}")
         self.measure = measure
         self.compiled = compiled    # order scores through kernels.py's torch.compile'd kernels
+        # Against overfitting (docs/recipe.md): dropout on the image features and on the word
+        # vectors while training; model.eval() turns both off.
+        self.image_dropout = nn.Dropout(image_dropout)
+        self.word_dropout = nn.Dropout(word_dropout)
         self.image_fc = nn.Linear(feature_dim, embed_dim)
         self.word_embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.gru = nn.GRU(word_dim, embed_dim, batch_first=True)
@@ -33,7 +38,7 @@ class JointEmbedding(nn.Module):
         return x.abs() if self.measure == 'order' else x
 
     def encode_images(self, feats):
-        return self.normalize_embedding(self.image_fc(feats))
+        return self.normalize_embedding(self.image_fc(self.image_dropout(feats)))
 
     def encode_captions(self, tokens, lengths):
         """tokens (B, L) padded with 0, lengths (B,): the GRU state at each caption's own last
@@ -42,7 +47,7 @@ class JointEmbedding(nn.Module):
         unsorted by index on the device."""
         lengths = lengths.cpu()
         longest_first = bool((lengths[:-1] >= lengths[1:]).all())
-        packed = pack_padded_sequence(self.word_embed(tokens), lengths, batch_first=True,
+        packed = pack_padded_sequence(self.word_dropout(self.word_embed(tokens)), lengths, batch_first=True,
                                       enforce_sorted=longest_first)
         _, last = self.gru(packed)        # (1, B, embed_dim), back in the batch's own order
         return self.normalize_embedding(last[0])

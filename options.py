@@ -61,6 +61,10 @@ def at_least(n, why=''):
     return (lambda value: value >= n, f"at least {n}{why}")
 
 
+def probability():
+    return (lambda value: math.isfinite(value) and 0 <= value < 1, "a probability in [0, 1)")
+
+
 def non_negative(zero_means=''):
     """A finite number of at least 0; zero_means: what 0 stands for, where it is allowed as 'off'."""
     return (lambda value: math.isfinite(value) and value >= 0,

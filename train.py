@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model import JointEmbedding, contrastive_loss, score_matrix
 from options import (DEVICE, DTYPES, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, pick_dtype,
-                     run_main)
+                     probability, run_main)
 from utils import (FolderLock, UserError, atomic_open, encode_captions, encode_images, encode_text, file_advice,
                    load_checkpoint, load_meta, load_split, load_vocab, retrieval_metrics)
 
@@ -44,6 +44,9 @@ word_dim = 300            # word embeddings
 batch_size = 128          # captions (with their images) per step; each one's negatives are the rest of its batch
 learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-level baseline)
 lr_decay_epoch = 7        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
+word_dropout = 0.0        # dropout on the word vectors while training (against overfitting; docs/recipe.md)
+image_dropout = 0.0       # dropout on the image features while training
+weight_decay = 0.0        # Adam's L2 penalty on every weight (coupled, as torch.optim.Adam's weight_decay)
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 10               # passes over the train captions (docs/recipe.md: the defaults were chosen on Flickr8k val)
 patience = 0              # stop when val rsum has not improved for this many validations (best.pt kept); 0 = never
@@ -69,6 +72,9 @@ OPTION_RULES = {
     'batch_size': at_least(2, ': a caption alone in its batch has no negative to be contrasted with, and learns nothing'),
     'learning_rate': non_negative('the weights stay as initialized'),
     'lr_decay_epoch': at_least(0),
+    'word_dropout': probability(),
+    'image_dropout': probability(),
+    'weight_decay': non_negative('no penalty'),
     'grad_clip': non_negative('no clipping'),
     'epochs': at_least(1),
     'patience': at_least(0),
@@ -90,9 +96,10 @@ def main(argv):
     data = load_data(config['data_dir'], dev)
     n_caps, global_batch = len(data.tokens), batch_size * world
     iters_per_epoch = math.ceil(n_caps / global_batch)
-    model = JointEmbedding(data.feats.shape[1], len(data.vocab), word_dim, embed_dim, measure, compile).to(dev)
+    model = JointEmbedding(data.feats.shape[1], len(data.vocab), word_dim, embed_dim, measure, compile,
+                           word_dropout, image_dropout).to(dev)
     broadcast_weights(model)
-    optimizer = make_optimizer(model, learning_rate)
+    optimizer = make_optimizer(model, learning_rate, weight_decay)
     run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
     with run, StopRequests() as stop:  # the run folder's lock and log are let go however the run ends
         if resume and run.resume(iters_per_epoch):
@@ -169,8 +176,8 @@ def epoch_order(n, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
-def make_optimizer(model, lr):
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: one kernel for all parameters
+def make_optimizer(model, lr, weight_decay=0.0):
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)  # fused: one kernel for all parameters
 
 
 # ----------------------------------------------------------------------------- one training step

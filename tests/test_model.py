@@ -68,3 +68,20 @@ def test_encoders_batch_equals_one_at_a_time():
     assert (images >= 0).all() and torch.allclose(images.norm(dim=1), torch.ones(5))
     cosine = JointEmbedding(16, 30, 8, 12, measure='cosine')
     assert (cosine.encode_images(torch.randn(50, 16)) < 0).any()  # no abs() for cosine
+
+
+def test_dropout_acts_in_training_only():
+    """word_dropout and image_dropout change the training embeddings (a different draw each
+    call), and model.eval() turns them off: then the embeddings are those of a model without."""
+    torch.manual_seed(0)
+    feats, tokens, lengths = torch.rand(6, 10), torch.randint(1, 20, (6, 5)), torch.tensor([5, 5, 4, 3, 3, 2])
+    plain = JointEmbedding(10, 20, 8, 12, 'order')
+    dropped = JointEmbedding(10, 20, 8, 12, 'order', word_dropout=0.3, image_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    for encode in (lambda m: m.encode_images(feats), lambda m: m.encode_captions(tokens, lengths)):
+        first, second = encode(dropped), encode(dropped)
+        assert not torch.allclose(first, second)
+        assert not torch.allclose(first, encode(plain))
+        dropped.eval()
+        torch.testing.assert_close(encode(dropped), encode(plain))
+        dropped.train()
