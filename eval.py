@@ -324,7 +324,7 @@ def split_metrics(scores, folds=False):
     """The metrics of an (images, captions) score matrix; with folds, also COCO's 1K folds and their mean."""
     result = retrieval_metrics(scores)
     if folds:
-        n = len(images) // 5
+        n = len(scores) // 5
         result['folds_1k'] = [retrieval_metrics(scores[f * n:(f + 1) * n, 5 * f * n:5 * (f + 1) * n]) for f in range(5)]
         result['mean_1k'] = {d: {m: float(np.mean([r[d][m] for r in result['folds_1k']])) for m in result['i2t']}
                              for d in ('i2t', 't2i')}
