@@ -8,16 +8,19 @@ and use it: search a split's images with a sentence, its captions with an image,
     python eval.py --out_dir=checkpoints/coco --image=photo.jpg               # needs a dataset prepared from images
     python eval.py --out_dir=checkpoints/synthetic --gallery=gallery.png      # 4 captions of the split and their top-k
     python eval.py --compare=checkpoints/a,checkpoints/b                      # results side by side, Markdown
+    python eval.py --ensemble=checkpoints/a,checkpoints/b                     # the mean of the runs' score matrices
 
 image->text ranks each image's best-placed ground-truth caption among all captions of the
 split; text->image ranks each caption's image among all images. COCO's test split is also
 reported as "1K" (mean over 5 folds of 1,000 images) as well as "5K" (all of it).
-Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir.
+Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir;
+--ensemble writes results_<split>_ensemble.json (ranks_<split>_ensemble.json) into its first run.
 In a notebook: load_model, encode_text, encode_images (from utils), search, image_features below.
 The pictures of --gallery are drawn by gallery.py.
 """
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ gallery_queries = 4                # without --query / --image: this many querie
 gallery_by = 'text'                # ... 'text': captions find images; 'image': images find captions
 images_dir = ''                    # the folder the split's files are in; default: meta.json's images_dir, else the dataset json's folder
 compare = ''                       # run folders, comma-separated: print their results_<split>.json as one Markdown table
+ensemble = ''                      # run folders, comma-separated, trained on one dataset: score the split with the mean of their score matrices
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # What each option must be, checked before any work (options.check_options); --split is checked
 # against the splits the dataset has, --query/--image against each other in check_use_options.
@@ -58,6 +62,8 @@ OPTION_RULES = {
     'gallery_queries': at_least(1),
     'gallery_by': one_of('text', 'image'),
     'images_dir': (lambda v: v == '' or os.path.isdir(v), "'' or an existing folder"),
+    'ensemble': (lambda v: v == '' or (any(v.split(',')) and all(os.path.isdir(r) for r in v.split(',') if r)),
+                 "'' or run folders, comma-separated, each an existing folder"),
 }
 # -----------------------------------------------------------------------------
 
@@ -304,16 +310,26 @@ def trained_data_dir(ckpt, run_folder):
 
 def evaluate(model, feats, captions, vocab, folds=False):
     """Metrics of one split; with folds, also the mean over 5 folds of 1,000 images (COCO 1K)."""
+    images, caps, scores = embed_and_score(model, feats, captions, vocab)
+    return split_metrics(scores, folds), images, caps, scores
+
+
+def embed_and_score(model, feats, captions, vocab):
+    """A split's embeddings and their (images, captions) score matrix, as the metrics score them."""
     images, caps = encode_images(model, feats), encode_text(model, vocab, captions, tokenized=True)
-    scores = score_matrix(images, caps, model.measure, model.compiled)
+    return images, caps, score_matrix(images, caps, model.measure, model.compiled)
+
+
+def split_metrics(scores, folds=False):
+    """The metrics of an (images, captions) score matrix; with folds, also COCO's 1K folds and their mean."""
     result = retrieval_metrics(scores)
     if folds:
-        n = len(images) // 5
+        n = len(scores) // 5
         result['folds_1k'] = [retrieval_metrics(scores[f * n:(f + 1) * n, 5 * f * n:5 * (f + 1) * n]) for f in range(5)]
         result['mean_1k'] = {d: {m: float(np.mean([r[d][m] for r in result['folds_1k']])) for m in result['i2t']}
                              for d in ('i2t', 't2i')}
         result['mean_1k']['rsum'] = float(np.mean([r['rsum'] for r in result['folds_1k']]))
-    return result, images, caps, scores
+    return result
 
 
 def print_table(title, result):
@@ -327,14 +343,35 @@ def print_table(title, result):
 
 def main(argv):
     globals().update(parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv, OPTION_RULES))
+    if ensemble:
+        check_ensemble_options()
     if compare:
         compare_runs([r for r in compare.split(',') if r], split)
         return
     dev = pick_device(device)
-    ckpt_path = os.path.join(out_dir, checkpoint)
+    if ensemble:
+        evaluate_ensemble([r for r in ensemble.split(',') if r], dev)
+        return
+    run = load_run(out_dir, dev)
+    with torch.no_grad():
+        if query or image or gallery:
+            use_model(run.model, run.ckpt, run.data, run.meta, run.feats, run.captions, run.files, dev)
+            return
+        coco_folds = is_coco_test(run.meta, run.feats)
+        result, images, caps, scores = evaluate(run.model, run.feats, run.captions, run.ckpt['vocab'], folds=coco_folds)
+    result.update(n_images=len(run.feats), n_captions=len(run.captions), measure=run.model.measure,
+                  checkpoint=run.ckpt_path, data_dir=run.data, split=split)
+    report(result, run.meta, coco_folds)
+    write_outputs(result, images, caps, scores, run.files, run.captions)
+
+
+def load_run(folder, dev):
+    """A run folder's --checkpoint and the --split it is evaluated on: model, ckpt, ckpt_path,
+    data (the prepared folder), meta, feats, captions, files."""
+    ckpt_path = os.path.join(folder, checkpoint)
     model, ckpt = load_model(ckpt_path, dev)
     model.compiled = compile
-    data_folder = data_dir or trained_data_dir(ckpt, out_dir)
+    data_folder = data_dir or trained_data_dir(ckpt, folder)
     meta = load_meta(data_folder)
     feats, captions = load_split(data_folder, split)
     if feats.shape[1] != ckpt['feature_dim']:
@@ -344,20 +381,80 @@ def main(argv):
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
+    return SimpleNamespace(folder=folder, model=model, ckpt=ckpt, ckpt_path=ckpt_path, data=data_folder, meta=meta,
+                           feats=feats, captions=captions, files=files)
+
+
+def is_coco_test(meta, feats):
+    return meta['dataset'] == 'coco' and split == 'test' and len(feats) == 5000
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+def check_ensemble_options():
+    if compare:
+        raise UserError("--compare and --ensemble: give one of the two")
+    if query or image or gallery:
+        raise UserError("--ensemble scores a split; --query, --image and --gallery search with one run "
+                        "(--out_dir=RUN): give them without --ensemble")
+    if save_embeddings:
+        raise UserError("--save_embeddings: an ensemble has no one set of embeddings (each run has its own); "
+                        "save them run by run with --out_dir=RUN")
+
+
+def evaluate_ensemble(folders, dev):
+    """--ensemble: the split scored with the mean of the runs' score matrices, each computed as a
+    single run's evaluation computes it; the results go into the first run's folder. All the
+    runs are loaded and checked against the first before any scoring."""
+    seen = set()
+    for folder in folders:
+        if os.path.realpath(folder) in seen:
+            raise UserError(f"--ensemble: {folder} is listed twice; list each run once")
+        seen.add(os.path.realpath(folder))
+    runs = [load_run(folder, dev) for folder in folders]
+    for run in runs[1:]:
+        check_same_data(runs[0], run)
+    first, total = runs[0], None
     with torch.no_grad():
-        if query or image or gallery:
-            use_model(model, ckpt, data_folder, meta, feats, captions, files, dev)
-            return
-        coco_folds = meta['dataset'] == 'coco' and split == 'test' and len(feats) == 5000
-        result, images, caps, scores = evaluate(model, feats, captions, ckpt['vocab'], folds=coco_folds)
-    result.update(n_images=len(feats), n_captions=len(captions), measure=model.measure,
-                  checkpoint=ckpt_path, data_dir=data_folder, split=split)
-    report(result, meta, coco_folds)
-    write_outputs(result, images, caps, scores, files, captions)
+        for run in runs:
+            scores = embed_and_score(run.model, run.feats, run.captions, run.ckpt['vocab'])[2]
+            total = scores if total is None else total + scores
+        scores = total / len(runs)
+        coco_folds = is_coco_test(first.meta, first.feats)
+        result = split_metrics(scores, folds=coco_folds)
+    result.update(n_images=len(first.feats), n_captions=len(first.captions), measure=first.model.measure,
+                  checkpoint=[run.ckpt_path for run in runs], ensemble=folders, data_dir=first.data, split=split)
+    report(result, first.meta, coco_folds)
+    write_outputs(result, None, None, scores, first.files, first.captions, folder=first.folder, tag='_ensemble')
+
+
+def check_same_data(first, run):
+    """A member of an ensemble must score the split as the first does: the same dataset, feature
+    size, vocabulary, measure, and the same images and captions of the split."""
+    pair = f"--ensemble: {run.folder} and {first.folder}"
+    one_dataset = "an ensemble's runs must be trained on one prepared dataset; list runs of one dataset"
+    if run.meta['dataset'] != first.meta['dataset']:
+        raise UserError(f"{pair} were trained on different datasets ({run.meta['dataset']}, {first.meta['dataset']}); {one_dataset}")
+    if run.ckpt['feature_dim'] != first.ckpt['feature_dim']:
+        raise UserError(f"{pair} take image features of different sizes ({run.ckpt['feature_dim']}-d, "
+                        f"{first.ckpt['feature_dim']}-d); {one_dataset}")
+    if run.ckpt['vocab'] != first.ckpt['vocab']:
+        raise UserError(f"{pair} have different vocabularies; {one_dataset}")
+    same_folder = os.path.realpath(run.data) == os.path.realpath(first.data)
+    if not same_folder and (run.files != first.files or run.captions != first.captions
+                            or not np.array_equal(run.feats, first.feats)):
+        raise UserError(f"{pair} were trained on different data ({run.data} and {first.data} hold different "
+                        f"{split} splits); {one_dataset}")
+    if run.model.measure != first.model.measure:
+        raise UserError(f"{pair} use different measures ({run.model.measure}, {first.model.measure}); the mean "
+                        "of order and cosine scores is no score: list runs of one measure")
 
 
 def report(result, meta, coco_folds):
     name = f"{meta['dataset']} {split}: {result['n_images']} images, {result['n_captions']} captions, {result['measure']} measure"
+    if 'ensemble' in result:
+        runs = len(result['ensemble'])
+        name += f", ensemble of {runs} run{'s' if runs > 1 else ''}"
     if coco_folds:
         print_table(f"{name}, 1K (mean of 5 folds)", result['mean_1k'])
         print()
@@ -366,17 +463,19 @@ def report(result, meta, coco_folds):
         print_table(name, result)
 
 
-def write_outputs(result, images, caps, scores, files, captions):
-    """results_<split>.json, and with --save_embeddings / --save_ranks the vectors and the ranks."""
-    results_path = os.path.join(out_dir, f"results_{split}.json")
+def write_outputs(result, images, caps, scores, files, captions, folder=None, tag=''):
+    """results_<split><tag>.json, and with --save_embeddings / --save_ranks the vectors and the
+    ranks, into folder (default: out_dir)."""
+    folder = folder or out_dir
+    results_path = os.path.join(folder, f"results_{split}{tag}.json")
     write_json(results_path, result)
     if save_embeddings:
-        emb_path = os.path.join(out_dir, f"embeddings_{split}.npz")
+        emb_path = os.path.join(folder, f"embeddings_{split}{tag}.npz")
         with atomic_open(emb_path) as f:
             np.savez(f, images=images.cpu().numpy().astype(np.float32), captions=caps.cpu().numpy().astype(np.float32))
         print(f"wrote {emb_path}")
     if save_ranks:
-        ranks_path = os.path.join(out_dir, f"ranks_{split}.json")
+        ranks_path = os.path.join(folder, f"ranks_{split}{tag}.json")
         write_ranks(ranks_path, scores, files, captions)
         print(f"wrote {ranks_path}")
     print(f"wrote {results_path}")
