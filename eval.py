@@ -432,9 +432,10 @@ def check_same_data(first, run):
     """A member of an ensemble must score the split as the first does: the same dataset, feature
     size, vocabulary, measure, and the same images and captions of the split."""
     pair = f"--ensemble: {run.folder} and {first.folder}"
-    one_dataset = "an ensemble's runs must be trained on one prepared dataset; list runs of one dataset"
+    one_dataset = "an ensemble's runs must be trained on one prepared dataset: list runs of one dataset"
     if run.meta['dataset'] != first.meta['dataset']:
-        raise UserError(f"{pair} were trained on different datasets ({run.meta['dataset']}, {first.meta['dataset']}); {one_dataset}")
+        raise UserError(f"{pair} were trained on different datasets ({run.meta['dataset']}, {first.meta['dataset']}); "
+                        f"{one_dataset}")
     if run.ckpt['feature_dim'] != first.ckpt['feature_dim']:
         raise UserError(f"{pair} take image features of different sizes ({run.ckpt['feature_dim']}-d, "
                         f"{first.ckpt['feature_dim']}-d); {one_dataset}")

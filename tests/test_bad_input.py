@@ -121,6 +121,8 @@ BAD_OPTIONS = [
     ('eval', '--device=cuda:99', '--device=cuda:99'),
     ('eval', '--checkpoint=', '--checkpoint='),
     ('eval', '--images_dir=no/such/folder', '--images_dir=no/such/folder'),
+    ('eval', '--ensemble=,', "--ensemble=,: must be '' or run folders"),
+    ('eval', '--ensemble=no/such/run', '--ensemble=no/such/run', 'each an existing folder'),
     ('bench', '--scale=huge', '--scale=huge'),
     ('bench', '--stages=train,fly', '--stages=train,fly'),
     ('bench', '--stages=', '--stages=: must be a comma-separated subset'),
@@ -269,6 +271,66 @@ def test_bad_prepared_or_run_file_is_one_line(made, tmp_path, case, script, frag
             'compare': [f'--compare={made.run},{run}']}[script]
     before = snapshot(tmp_path)
     assert_refused(run_here('train' if script == 'train' else 'eval', *args), before, [tmp_path], fragment)
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+def ensemble_member(case, made, tmp_path):
+    """A second run for made.run's ensemble, unfit for it in one way; returns eval.py's extra args."""
+    run = tmp_path / 'member'
+    if case in ('twice', 'save_embeddings', 'query', 'compare'):
+        return [f'--ensemble={made.run},{made.run}' if case == 'twice' else f'--ensemble={made.run}',
+                {'twice': '--split=test', 'save_embeddings': '--save_embeddings=True', 'query': '--query=a red star',
+                 'compare': f'--compare={made.run}'}[case]]
+    if case == 'no_checkpoint':
+        run.mkdir()
+    elif case == 'other_features':  # really trained, on 48-d features
+        assert run_here('prep', *SMALL[:2], '--synthetic_dim=48', f'--data_dir={tmp_path / "data48"}').returncode == 0
+        assert run_here('train', *TRAIN, f'--data_dir={tmp_path / "data48"}', f'--out_dir={run}').returncode == 0
+    else:  # made.run's weights, said to come from another vocabulary, measure or dataset
+        shutil.copytree(made.run, run)
+        ckpt = torch.load(run / 'best.pt', weights_only=True)
+        if case == 'other_vocab':
+            words = sorted(ckpt['vocab'], key=ckpt['vocab'].get)
+            ckpt['vocab'].update({words[2]: ckpt['vocab'][words[3]], words[3]: ckpt['vocab'][words[2]]})
+        elif case == 'other_measure':
+            ckpt['config']['measure'] = 'cosine'
+        else:
+            data = tmp_path / 'data'
+            shutil.copytree(made.data, data)
+            if case == 'other_dataset':
+                meta = json.loads((data / 'meta.json').read_text())
+                (data / 'meta.json').write_text(json.dumps({**meta, 'dataset': 'x'}))
+            else:  # other_contents: the same shapes, other images
+                np.save(data / 'test_ims.npy', np.load(data / 'test_ims.npy')[::-1].copy())
+            ckpt['config']['data_dir'] = str(data)
+        torch.save(ckpt, run / 'best.pt')
+    return [f'--ensemble={made.run},{run}']
+
+
+BAD_ENSEMBLES = [
+    ('twice', 'is listed twice', 'list each run once'),
+    ('no_checkpoint', 'member/best.pt: no such checkpoint'),
+    ('other_features', 'take image features of different sizes (48-d, 32-d)'),
+    ('other_vocab', 'have different vocabularies'),
+    ('other_measure', 'use different measures (cosine, order)'),
+    ('other_dataset', 'were trained on different datasets (x, synthetic)'),
+    ('other_contents', 'were trained on different data', 'hold different test splits'),
+    ('save_embeddings', '--save_embeddings: an ensemble has no one set of embeddings'),
+    ('query', '--ensemble scores a split'),
+    ('compare', '--compare and --ensemble: give one of the two'),
+]
+
+
+@pytest.mark.parametrize('case,fragments', [(c, f) for c, *f in BAD_ENSEMBLES], ids=[c for c, *_ in BAD_ENSEMBLES])
+def test_bad_ensemble_is_one_line(made, tmp_path, case, fragments):
+    """Runs that do not score the split alike (another dataset, feature size, vocabulary, measure,
+    split), a run listed twice or without its checkpoint, an option an ensemble has no use for:
+    refused before anything is written."""
+    args = ensemble_member(case, made, tmp_path)
+    before = snapshot(made.data, made.run, tmp_path)
+    assert_refused(run_here('eval', *args, '--compile=False'), before, [made.data, made.run, tmp_path], *fragments)
+    assert not (made.run / 'results_test_ensemble.json').exists()
 
 
 # ----------------------------------------------------------------------------- folders
