@@ -90,7 +90,7 @@ def main(argv):
     data = load_data(config['data_dir'], dev)
     n_caps, global_batch = len(data.tokens), batch_size * world
     iters_per_epoch = math.ceil(n_caps / global_batch)
-    model = JointEmbedding(data.feats.shape[1], len(data.vocab), word_dim, embed_dim, measure, compile).to(dev)
+    model = JointEmbedding(data.feats.shape[-1], len(data.vocab), word_dim, embed_dim, measure, compile).to(dev)
     broadcast_weights(model)
     optimizer = make_optimizer(model, learning_rate)
     run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
@@ -100,7 +100,7 @@ def main(argv):
         run.start_log()
         if run.master:
             print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} "
-                  f"captions, {len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; "
+                  f"captions, {len(data.feats)} images{crops_note(data.feats)}, {iters_per_epoch} iterations of {global_batch} per epoch; "
                   f"validating on {len(data.val_feats)} val images; writing to {run.out_dir}")
         while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
             epoch, start = divmod(run.iteration, iters_per_epoch)
@@ -116,8 +116,8 @@ def main(argv):
                 # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
-                run.record(*train_step(model, optimizer, data.feats, data.tokens, data.lengths,
-                                       idx[rank * share:(rank + 1) * share], settings))
+                run.record(*train_step(model, optimizer, step_features(data.feats, run.iteration), data.tokens,
+                                       data.lengths, idx[rank * share:(rank + 1) * share], settings))
                 if run.iteration % log_interval == 0 or b == iters_per_epoch - 1:
                     bar.set_postfix(loss=f"{run.log_loss(lr, iters_per_epoch):.3f}")
                 if stop.agreed(run.iteration, world, dev):
@@ -149,10 +149,11 @@ def read_config(argv):
 
 
 def load_data(data_folder, dev):
-    """The training split on the device (a batch is an index into it) and the val split."""
+    """The training split on the device (a batch is an index into it; kept crops stay (N, C, D),
+    step_features draws from them) and the val split (kept crops as their mean, load_split)."""
     meta = load_meta(data_folder)
     vocab = load_vocab(data_folder)
-    train_feats, train_caps = load_split(data_folder, 'train')
+    train_feats, train_caps = load_split(data_folder, 'train', all_crops=True)
     val_feats, val_caps = load_split(data_folder, 'val')
     if val_images > len(val_feats):
         raise UserError(f"--val_images={val_images}: the val split of {data_folder} has {len(val_feats)} images; "
@@ -167,6 +168,32 @@ def epoch_order(n, epoch):
     """The caption order of one epoch: a function of (seed, epoch) alone, so that a resumed
     run visits exactly the batches an uninterrupted one would."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def step_features(feats, iteration):
+    """What a step takes its image rows from: the (N, D) features themselves, or of kept crops
+    (N, C, D) one crop of each image, drawn uniformly on the device as a function of (seed,
+    iteration) alone, so that a resumed run draws exactly the crops an uninterrupted one would
+    (seed < 2**32: each pair its own generator seed)."""
+    if feats.dim() == 2:
+        return feats
+    generator = torch.Generator(device=feats.device).manual_seed(seed * 2 ** 32 + iteration)
+    return DrawnCrops(feats, torch.randint(feats.shape[1], (len(feats),), generator=generator, device=feats.device))
+
+
+def crops_note(feats):
+    return f" ({feats.shape[1]} crops each, one drawn per step)" if feats.dim() == 3 else ''
+
+
+class DrawnCrops:
+    """(N, C, D) crops and a crop per image, indexed like the (N, D) rows of those crops: the
+    rows a step takes are gathered in one indexing on the device, never all N."""
+
+    def __init__(self, feats, crop):
+        self.feats, self.crop, self.device = feats, crop, feats.device
+
+    def __getitem__(self, rows):
+        return self.feats[rows, self.crop[rows]]
 
 
 def make_optimizer(model, lr):
