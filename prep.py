@@ -13,8 +13,8 @@ batch by batch, so that an interrupted run continues where it stopped.
 
 Writes into data_dir, for each split (train, val, test): <split>_ims.npy (float32, rows
 L2-normalized; with kept crops (N, C, D), each crop L2-normalized), <split>_caps.txt (5 captions
-per image, image i owns lines 5i..5i+4), <split>_files.txt (image file names); then vocab.json (train captions only) and meta.json,
-last, so that a dataset with a meta.json is complete.
+per image, image i owns lines 5i..5i+4), <split>_files.txt (image file names); then vocab.json
+(train captions only) and meta.json, last, so that a dataset with a meta.json is complete.
 """
 import collections
 import json

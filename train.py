@@ -173,12 +173,21 @@ def epoch_order(n, epoch):
 def step_features(feats, iteration):
     """What a step takes its image rows from: the (N, D) features themselves, or of kept crops
     (N, C, D) one crop of each image, drawn uniformly on the device as a function of (seed,
-    iteration) alone, so that a resumed run draws exactly the crops an uninterrupted one would
-    (seed < 2**32: each pair its own generator seed)."""
+    iteration) alone, so that a resumed run draws exactly the crops an uninterrupted one would."""
     if feats.dim() == 2:
         return feats
-    generator = torch.Generator(device=feats.device).manual_seed(seed * 2 ** 32 + iteration)
+    generator = torch.Generator(device=feats.device).manual_seed(mix32(iteration ^ mix32(seed)))
     return DrawnCrops(feats, torch.randint(feats.shape[1], (len(feats),), generator=generator, device=feats.device))
+
+
+def mix32(x):
+    """MurmurHash3's finalizer, a bijection of 32-bit integers: the crop draws' generator seeds
+    differ for every iteration of a run and look unrelated across seeds. 32 bits, because a CPU
+    generator keeps only the low 32 bits of its seed (seed * 2**32 + iteration would ignore the seed)."""
+    x &= 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def crops_note(feats):
