@@ -366,7 +366,8 @@ def batch_crops(batch, cnn, crops, device, decode):
 def batch_features(backbone, x, crops, device, dtype, keep_crops=False):
     """(B * crops, 3, 224, 224) -> (B, D) float32 features on their way to the CPU, the mean over
     each image's crops (keep_crops: (B, crops, D), each crop's own), and a CUDA event that says
-    when the copy has landed (None elsewhere). dtype 'bfloat16': autocast; channels_last with it and on CUDA."""
+    when the copy has landed (None elsewhere). dtype 'bfloat16': autocast; channels_last with it
+    and on CUDA."""
     if uses_channels_last(device, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
@@ -402,8 +403,8 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
     np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
     each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
     a list: then (index, path, reason) is appended to it and its row stays zero.
-    10 crops: the mean of the crops' features; keep_crops: each crop's, (N, crops, D). decode: 'pil', 'torch' or 'auto' (see DECODERS).
-    dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
+    10 crops: the mean of the crops' features; keep_crops: each crop's, (N, crops, D).
+    decode: 'pil', 'torch' or 'auto' (see DECODERS). dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
     from tqdm import tqdm
     n = len(paths)
     decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device, cnn)
@@ -505,8 +506,7 @@ def write_progress(out, progress_path, job, rows, bad, done):
 def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, dtype, batch_size, workers, device,
                     rank=0, world=1, keep_crops=False):
     """Features of images_dir/<file> for every file into feats_path (an (N, D) float32 .npy;
-    keep_crops: (N, crops, D), every crop's),
-    batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
+    keep_crops: (N, crops, D), every crop's), batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
     'float32' or 'bfloat16' (both resolved).
     Returns (features, bad) where bad lists (index, path, reason) of the unreadable images.
     Under torchrun each rank fills its own shard of rows and only rank 0 returns the result,
