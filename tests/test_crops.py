@@ -136,7 +136,8 @@ def test_extracted_kept_crops_resume_and_average_to_the_ten_crop_features(tmp_pa
     """--crops=10 --keep_crops=True from the images: (N, 10, D), written batch by batch into
     features_vgg16_10crop_kept.npy; interrupted after two images it resumes there (the rows
     done are not computed again) and ends as an uninterrupted run does; the mean of its raw
-    crops is the 10-crop feature prep.py makes without --keep_crops."""
+    crops is the 10-crop feature prep.py makes without --keep_crops; eval.py --image features a
+    new image as the dataset scores its own."""
     features = fake_vgg16(monkeypatch)
     args = ['--dataset=x', '--crops=10', '--keep_crops=True', '--batch_size=1', '--workers=0', '--dtype=float32']
     for name in ('a', 'b'):
@@ -171,6 +172,13 @@ def test_extracted_kept_crops_resume_and_average_to_the_ten_crop_features(tmp_pa
                     f'--images_dir={tmp_path / "b" / "images"}').returncode == 0
     mean = np.load(tmp_path / 'c' / 'features_vgg16_10crop.npy')
     np.testing.assert_allclose(np.load(tmp_path / 'b' / 'features_vgg16_10crop_kept.npy').mean(1), mean, rtol=1e-5, atol=1e-6)
+    # eval.py --image: a new image is featured as the dataset scores its own, by its mean crop
+    from eval import image_features
+    from utils import load_meta, load_split
+    test_files = (tmp_path / 'b' / 'test_files.txt').read_text().split()
+    got = image_features([str(tmp_path / 'b' / 'images' / f) for f in test_files], load_meta(str(tmp_path / 'b')),
+                         torch.device('cpu'))
+    np.testing.assert_allclose(got, load_split(str(tmp_path / 'b'), 'test')[0], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- scoring: the mean crop
