@@ -29,7 +29,7 @@ from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
 from options import DEVICE, at_least, one_of, parse_config, pick_device, run_main
 from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_checkpoint, load_meta, load_split,
-                   read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
+                   mean_of_crops, read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -105,7 +105,9 @@ def search(model, images, captions, k=10, by='text'):
 
 def image_features(paths, meta, dev):
     """New image files -> features computed as prep.py computed the dataset's (same CNN, crops,
-    weights, decoder and dtype), rows L2-normalized. Only for datasets whose features prep.py extracted itself."""
+    weights, decoder and dtype), rows L2-normalized; of a dataset that kept its crops, the mean
+    of the normalized crops, as load_split scores its images. Only for datasets whose features
+    prep.py extracted itself."""
     if 'cnn' not in meta:
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
@@ -114,9 +116,11 @@ def image_features(paths, meta, dev):
     # the dataset's decoder and dtype too: they agree only to rounding (older datasets: PIL, float32)
     dtype = meta.get('dtype', 'float32')
     backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev, dtype)
+    kept = bool(meta.get('kept_crops'))
     feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False,
-                                        decode=meta.get('decode', 'pil'), dtype=dtype), dtype=np.float32)
-    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+                                        decode=meta.get('decode', 'pil'), dtype=dtype, keep_crops=kept), dtype=np.float32)
+    feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+    return mean_of_crops(feats, paths[0]) if kept else feats
 
 
 def find_images_dir(option, data, meta, files):

@@ -9,7 +9,7 @@ stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtyp
     read_with_pil, read_for_torch,           reading files in DataLoader workers; a bad file
       ImageFiles                               becomes a reason, not an exception
     decode_jpegs, tensor_crops               decode='torch': a batch's JPEGs -> normalized crops
-    extract_features                         files -> (N, D) features, batch by batch, into an array
+    extract_features                         files -> (N, D) features (or (N, crops, D), keep_crops), batch by batch
     setup_ranks, wait_for_all_ranks          torchrun: processes that share an extraction
     extract_dataset                          a dataset's features into one .npy file, resumable, sharded
 """
@@ -363,15 +363,17 @@ def batch_crops(batch, cnn, crops, device, decode):
     return tensor_crops(items, reasons, cnn, crops, device), reasons
 
 
-def batch_features(backbone, x, crops, device, dtype):
+def batch_features(backbone, x, crops, device, dtype, keep_crops=False):
     """(B * crops, 3, 224, 224) -> (B, D) float32 features on their way to the CPU, the mean over
-    each image's crops, and a CUDA event that says when the copy has landed (None elsewhere).
-    dtype 'bfloat16': autocast; channels_last with it and on CUDA."""
+    each image's crops (keep_crops: (B, crops, D), each crop's own), and a CUDA event that says
+    when the copy has landed (None elsewhere). dtype 'bfloat16': autocast; channels_last with it
+    and on CUDA."""
     if uses_channels_last(device, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
         f = backbone(x)
-    f = f.float().reshape(len(x) // crops, crops, -1).mean(1).to('cpu', non_blocking=True)
+    f = f.float().reshape(len(x) // crops, crops, -1)
+    f = (f if keep_crops else f.mean(1)).to('cpu', non_blocking=True)
     ready = torch.cuda.Event() if device.type == 'cuda' else None
     if ready is not None:
         ready.record()
@@ -379,8 +381,8 @@ def batch_features(backbone, x, crops, device, dtype):
 
 
 def store_batch(out, n, row, f, reasons, ready):
-    """Features of one batch into rows row.. of `out` (made (n, D) on the first batch, when D is
-    known); an unreadable image's row stays zero. Returns `out`."""
+    """Features of one batch into rows row.. of `out` (made (n, D), or (n, crops, D), on the first
+    batch, when D is known); an unreadable image's row stays zero. Returns `out`."""
     if ready is not None:
         ready.synchronize()
     f = f.numpy()
@@ -388,21 +390,21 @@ def store_batch(out, n, row, f, reasons, ready):
         if reason:
             f[k] = 0
     if out is None:
-        out = np.zeros((n, f.shape[1]), dtype=np.float32)
+        out = np.zeros((n, *f.shape[1:]), dtype=np.float32)
     out[row:row + len(f)] = f
     return out
 
 
 @torch.no_grad()
 def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers=4, out=None, start=0,
-                     progress=True, bad=None, on_batch=None, decode='pil', dtype='float32'):
+                     progress=True, bad=None, on_batch=None, decode='pil', dtype='float32', keep_crops=False):
     """Features of the images at `paths`, (N, D) float32, raw (not L2-normalized).
     Rows before `start` are taken as done (already in `out`, an (N, D) array such as an
     np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
     each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
     a list: then (index, path, reason) is appended to it and its row stays zero.
-    10 crops: the mean of the crops' features. decode: 'pil', 'torch' or 'auto' (see DECODERS).
-    dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
+    10 crops: the mean of the crops' features; keep_crops: each crop's, (N, crops, D).
+    decode: 'pil', 'torch' or 'auto' (see DECODERS). dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
     from tqdm import tqdm
     n = len(paths)
     decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device, cnn)
@@ -414,7 +416,7 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
         x, reasons = batch_crops(batch, cnn, crops, device, decode)
         # The features come back one batch late: on CUDA the next batch is read and decoded
         # while the network still runs this one.
-        f, ready = batch_features(backbone, x, crops, device, dtype)
+        f, ready = batch_features(backbone, x, crops, device, dtype, keep_crops)
         if pending is not None:
             out = finish_batch(out, n, pending, bar, on_batch)
         pending = (row, f, reasons, ready)
@@ -427,7 +429,11 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
     if pending is not None:
         out = finish_batch(out, n, pending, bar, on_batch)
     bar.close()
-    return np.zeros((n, CNN_DIMS[cnn]), dtype=np.float32) if out is None else out
+    return np.zeros(feature_shape(n, cnn, crops, keep_crops), dtype=np.float32) if out is None else out
+
+
+def feature_shape(n, cnn, crops, keep_crops):
+    return (n, crops, CNN_DIMS[cnn]) if keep_crops else (n, CNN_DIMS[cnn])
 
 
 def finish_batch(out, n, pending, bar, on_batch):
@@ -498,9 +504,9 @@ def write_progress(out, progress_path, job, rows, bad, done):
 
 
 def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, dtype, batch_size, workers, device,
-                    rank=0, world=1):
-    """Features of images_dir/<file> for every file into feats_path (an (N, D) float32 .npy),
-    batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
+                    rank=0, world=1, keep_crops=False):
+    """Features of images_dir/<file> for every file into feats_path (an (N, D) float32 .npy;
+    keep_crops: (N, crops, D), every crop's), batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
     'float32' or 'bfloat16' (both resolved).
     Returns (features, bad) where bad lists (index, path, reason) of the unreadable images.
     Under torchrun each rank fills its own shard of rows and only rank 0 returns the result,
@@ -511,12 +517,14 @@ def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, 
     # (the two decoders, and the two dtypes, agree only to rounding: one file's rows never mix them).
     job = {'cnn': cnn, 'crops': crops, 'weights': weights, 'decode': decode, 'dtype': dtype, 'batch_size': batch_size,
            'images': n, 'files': hashlib.sha256('\n'.join(files).encode()).hexdigest()}
+    if keep_crops:  # only then: the records of extractions that keep none stay as they were written
+        job['keep_crops'] = True
     lo, hi = shard_rows(n, batch_size, rank, world)
     same_job, start, bad = resume_point(feats_path, job, rank, world, (lo, hi))
     backbone = build_backbone(cnn, weights, device, dtype)[0] if start < hi else None  # fails before any file is written
     wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
     if rank == 0 and not same_job:
-        start_features_file(feats_path, job, (n, CNN_DIMS[cnn]))
+        start_features_file(feats_path, job, feature_shape(n, cnn, crops, keep_crops))
     wait_for_all_ranks()
     out = np.lib.format.open_memmap(feats_path, mode='r+')
     if start > lo and start < hi:
@@ -525,7 +533,8 @@ def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, 
     record(start)
     if backbone is not None:
         extract_features(backbone, paths[:hi], cnn, crops, device, batch_size=batch_size, workers=workers, out=out,
-                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decode, dtype=dtype)
+                         start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decode, dtype=dtype,
+                         keep_crops=keep_crops)
     wait_for_all_ranks()
     if rank != 0:
         return None, None

@@ -3,7 +3,8 @@
     python prep.py                                          # Flickr8k: download, VGG16 features, arrays
     python prep.py --dataset=flickr30k                      # likewise Flickr30k, and COCO (docs/datasets.md)
     python prep.py --dataset=coco --images_dir=/data/coco --dataset_json=dataset_coco.json
-    python prep.py --dataset=coco --features=feats.npy      # your own (N, D) features
+    python prep.py --dataset=coco --features=feats.npy      # your own (N, D) features, or (N, C, D): C crops per image
+    python prep.py --crops=10 --keep_crops=True             # every crop's features, (N, 10, D): one drawn per training step
     python prep.py --dataset=synthetic                      # offline, seconds; for trying things out
 
 Features come from, in order: --features=PATH.npy; Karpathy's vgg_feats.mat in data_dir; else
@@ -11,9 +12,9 @@ they are extracted from the images (--cnn, --crops, --weights) into data_dir/fea
 batch by batch, so that an interrupted run continues where it stopped.
 
 Writes into data_dir, for each split (train, val, test): <split>_ims.npy (float32, rows
-L2-normalized), <split>_caps.txt (5 captions per image, image i owns lines 5i..5i+4),
-<split>_files.txt (image file names); then vocab.json (train captions only) and meta.json,
-last, so that a dataset with a meta.json is complete.
+L2-normalized; with kept crops (N, C, D), each crop L2-normalized), <split>_caps.txt (5 captions
+per image, image i owns lines 5i..5i+4), <split>_files.txt (image file names); then vocab.json
+(train captions only) and meta.json, last, so that a dataset with a meta.json is complete.
 """
 import collections
 import json
@@ -37,11 +38,12 @@ from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open,
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
 data_dir = ''             # default: data/<dataset>
 dataset_json = ''         # Karpathy-format json; default: <data_dir>/dataset.json
-features = ''             # an (N, D) .npy in dataset.json image order: used instead of vgg_feats.mat
+features = ''             # an (N, D) .npy in dataset.json image order, or (N, C, D) with C crops each: used instead of vgg_feats.mat
 images_dir = ''           # default: data_dir/Flicker8k_Dataset (flickr8k), flickr30k-images, data_dir (coco), images
 mirror = ''               # flickr8k, flickr30k, coco: fetch every file by its name from this base URL instead of its source
 cnn = 'vgg16'             # feature extractor: vgg16 | vgg19 | resnet152 | efficientnet_lite0 (pip extra)
 crops = 1                 # 1: resize 256, center crop 224; 10: mean over the 10 crops (the paper's)
+keep_crops = False        # with 10 crops (or --features of an (N, C, D) array): store every crop's features, (N, C, D), not their mean
 weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PATH to a state_dict | random (tests only)
 batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwise
 workers = min(8, os.cpu_count() or 1)  # processes reading (and with pil decoding) images alongside the network, at most one per core
@@ -87,6 +89,7 @@ OPTION_RULES = {
 SPLITS = ('train', 'val', 'test')
 LOCK_NAME = '.prep.lock'
 OUTPUTS = [f'{split}_{kind}' for split in SPLITS for kind in ('ims.npy', 'caps.txt', 'files.txt')] + ['vocab.json']
+given = set()  # the options on the command line (main): --crops is checked against an (N, C, D) array only if given
 
 
 def read_karpathy_json(path):
@@ -171,28 +174,67 @@ def read_mat_features(path, n_images):
 
 
 def read_npy_features(path, n_images):
+    """--features: (N, D), or (N, C, D) for C crops per image (as many as --crops, if given)."""
     try:
         feats = np.load(path, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable .npy file ({e})") from None
     check_real_numbers(feats, path, "save the (N, D) features with numpy.save")
-    if feats.ndim != 2 or feats.shape[0] != n_images:
-        raise UserError(f"{path}: shape {feats.shape}, expected ({n_images}, D): one row per image of the dataset json, in order")
+    if feats.ndim not in (2, 3) or feats.shape[0] != n_images:
+        raise UserError(f"{path}: shape {feats.shape}, expected ({n_images}, D): one row per image of the dataset json, "
+                        f"in order (or ({n_images}, C, D): C crops per image)")
+    if feats.ndim == 3 and feats.shape[1] < 1:
+        raise UserError(f"{path}: shape {feats.shape}: no crops per image; expected ({n_images}, C, D) with C at least 1")
+    if feats.ndim == 3 and 'crops' in given and feats.shape[1] != crops:
+        raise UserError(f"{path}: {feats.shape[1]} crops per image (shape {feats.shape}), but --crops={crops}; "
+                        f"pass --crops={feats.shape[1]} or leave --crops out")
     return np.asarray(feats, dtype=np.float32)
 
 
+def npy_crops(feats, meta):
+    """--features as they are prepared: (N, D) as they are; (N, C, D) kept with --keep_crops,
+    else each image's mean crop (as --crops=10 makes it). Returns (features, meta)."""
+    if feats.ndim == 2:
+        if keep_crops:
+            raise UserError(f"--keep_crops=True: {features} holds one feature per image, shape {feats.shape}; "
+                            "keeping crops needs an (N, C, D) array of C crops per image")
+        return feats, meta
+    n_crops = feats.shape[1]
+    if keep_crops and n_crops == 1:
+        raise UserError(f"--keep_crops=True: {features} holds one crop per image, shape {feats.shape}, nothing to keep apart; "
+                        "leave --keep_crops out")
+    if not keep_crops:
+        print(f"{features}: {n_crops} crops per image, prepared as their mean (--keep_crops=True keeps each)")
+        return feats.mean(1), {**meta, 'crops': n_crops}
+    return feats, {**meta, 'crops': n_crops, 'kept_crops': True}
+
+
+def check_keep_crops():
+    """--keep_crops=True needs more than one crop per image, said before any work (an (N, C, D)
+    --features array is checked once it is read, npy_crops)."""
+    if keep_crops and dataset == 'synthetic':
+        raise UserError("--keep_crops=True: the synthetic set has one feature per image, no crops; leave it out")
+    if keep_crops and crops == 1 and not features:
+        raise UserError("--keep_crops=True: --crops=1 is one crop per image, nothing to keep apart; pass --crops=10 "
+                        "(or --features= of an (N, C, D) array)")
+
+
 def normalize_rows(feats, source):
+    """Each feature vector (each crop's, of (N, C, D) kept crops) to unit length; a NaN, an inf,
+    an overflow or a zero vector is an error that names the image."""
     feats = np.asarray(feats, dtype=np.float32)
-    bad = ~np.isfinite(feats).all(1)
+    def images_where(mask):  # (N,) or (N, C) per vector -> (N,) per image
+        return mask.reshape(len(mask), -1).any(1)
+    bad = images_where(~np.isfinite(feats).all(-1))
     if bad.any():
         raise UserError(f"{source}: {int(bad.sum())} rows hold NaN or inf (first: image {int(bad.argmax())}); regenerate the features")
     with np.errstate(over='ignore'):
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    if not np.isfinite(norms).all():
-        raise UserError(f"{source}: image {int((~np.isfinite(norms[:, 0])).argmax())}: values so large that the vector's "
-                        "length overflows float32; scale the features down")
+        norms = np.linalg.norm(feats, axis=-1, keepdims=True)
+    if images_where(~np.isfinite(norms)).any():
+        raise UserError(f"{source}: image {int(images_where(~np.isfinite(norms)).argmax())}: values so large that the "
+                        "vector's length overflows float32; scale the features down")
     if (norms == 0).any():
-        raise UserError(f"{source}: image {int((norms[:, 0] == 0).argmax())} has an all-zero feature vector; regenerate the features")
+        raise UserError(f"{source}: image {int(images_where(norms == 0).argmax())} has an all-zero feature vector; regenerate the features")
     return feats / norms
 
 
@@ -269,7 +311,7 @@ def write_staged(staging, images, feats, meta):
         meta['splits'][split] = {'images': len(rows), 'captions': CAPS_PER_IMAGE * len(rows)}
     vocab = build_vocab([w for im in images if im['split'] == 'train' for w in im['captions']], vocab_threshold)
     write_json(os.path.join(staging, 'vocab.json'), vocab)
-    meta.update(feature_dim=int(feats.shape[1]), caps_per_image=CAPS_PER_IMAGE, vocab_size=len(vocab),
+    meta.update(feature_dim=int(feats.shape[-1]), caps_per_image=CAPS_PER_IMAGE, vocab_size=len(vocab),
                 vocab_threshold=vocab_threshold, max_len=max_len)
     write_json(os.path.join(staging, 'meta.json'), meta)
     return meta
@@ -328,10 +370,10 @@ def image_features(images, out_dir, rank=0, world=1):
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     decoder, precision = resolve_decode(decode, dev), resolve_dtype(dtype, dev, cnn)
-    feats_path = os.path.join(out_dir, f'features_{cnn}_{crops}crop.npy')
+    feats_path = os.path.join(out_dir, f"features_{cnn}_{crops}crop{'_kept' if keep_crops else ''}.npy")
     feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cnn, crops=crops, weights=weights,
                                  decode=decoder, dtype=precision, batch_size=batch_size or default_batch_size(dev),
-                                 workers=workers, device=dev, rank=rank, world=world)
+                                 workers=workers, device=dev, rank=rank, world=world, keep_crops=keep_crops)
     if rank != 0:
         return None, None, None
     if bad and not skip_bad:
@@ -439,6 +481,8 @@ def to_karpathy_json(images, name):
 
 def main(argv):
     globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
+    globals()['given'] = {arg[2:].split('=', 1)[0] for arg in argv if arg.startswith('--')}
+    check_keep_crops()
     out_dir = data_dir or os.path.join('data', dataset)
     if not os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # else the lock, below, names a prep.py at work first
         refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
@@ -473,7 +517,8 @@ def prepare(out_dir, rank, world):
             return
     meta = write_prepared(out_dir, images, feats, meta)
     counts = ', '.join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in meta['splits'].items())
-    print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features; vocabulary {meta['vocab_size']} words")
+    kept = f" ({meta['crops']} crops each, kept)" if meta.get('kept_crops') else ''
+    print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features{kept}; vocabulary {meta['vocab_size']} words")
 
 
 def dataset_from_files(out_dir, rank, world):
@@ -495,16 +540,21 @@ def dataset_from_files(out_dir, rank, world):
     meta = {'dataset': dataset, 'dataset_json': json_path}
     if os.path.exists(os.path.join(out_dir, 'download.json')):
         meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
+    if keep_crops and not features and os.path.exists(mat_path):
+        raise UserError(f"{mat_path}: Karpathy's features, one per image, come before the images, so --keep_crops=True has "
+                        f"no crops to keep; move the file out of {out_dir} to extract the crops from the images")
     if rank != 0 and (features or os.path.exists(mat_path)):
         return None, None, None
     if features:
-        return images, read_npy_features(features, len(images)), {**meta, 'source': features}
+        return images, *npy_crops(read_npy_features(features, len(images)), {**meta, 'source': features})
     if os.path.exists(mat_path):
         return images, read_mat_features(mat_path, len(images)), {**meta, 'source': mat_path}
     feats, bad, extraction = image_features(images, out_dir, rank, world)
     if rank != 0:
         return None, None, None
     meta.update(extraction, source=extraction['features_file'], cnn=cnn, crops=crops, weights=weights)
+    if keep_crops:
+        meta['kept_crops'] = True
     if weights == 'random':
         meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
     if bad:

@@ -96,7 +96,7 @@ def main(argv):
     data = load_data(config['data_dir'], dev)
     n_caps, global_batch = len(data.tokens), batch_size * world
     iters_per_epoch = math.ceil(n_caps / global_batch)
-    model = JointEmbedding(data.feats.shape[1], len(data.vocab), word_dim, embed_dim, measure, compile,
+    model = JointEmbedding(data.feats.shape[-1], len(data.vocab), word_dim, embed_dim, measure, compile,
                            word_dropout, image_dropout).to(dev)
     broadcast_weights(model)
     optimizer = make_optimizer(model, learning_rate, weight_decay)
@@ -107,7 +107,7 @@ def main(argv):
         run.start_log()
         if run.master:
             print(f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {settings.dtype}: {n_caps} "
-                  f"captions, {len(data.feats)} images, {iters_per_epoch} iterations of {global_batch} per epoch; "
+                  f"captions, {len(data.feats)} images{crops_note(data.feats)}, {iters_per_epoch} iterations of {global_batch} per epoch; "
                   f"validating on {len(data.val_feats)} val images; writing to {run.out_dir}")
         while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
             epoch, start = divmod(run.iteration, iters_per_epoch)
@@ -123,8 +123,8 @@ def main(argv):
                 # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
-                run.record(*train_step(model, optimizer, data.feats, data.tokens, data.lengths,
-                                       idx[rank * share:(rank + 1) * share], settings))
+                run.record(*train_step(model, optimizer, step_features(data.feats, run.iteration), data.tokens,
+                                       data.lengths, idx[rank * share:(rank + 1) * share], settings))
                 if run.iteration % log_interval == 0 or b == iters_per_epoch - 1:
                     bar.set_postfix(loss=f"{run.log_loss(lr, iters_per_epoch):.3f}")
                 if stop.agreed(run.iteration, world, dev):
@@ -156,10 +156,11 @@ def read_config(argv):
 
 
 def load_data(data_folder, dev):
-    """The training split on the device (a batch is an index into it) and the val split."""
+    """The training split on the device (a batch is an index into it; kept crops stay (N, C, D),
+    step_features draws from them) and the val split (kept crops as their mean, load_split)."""
     meta = load_meta(data_folder)
     vocab = load_vocab(data_folder)
-    train_feats, train_caps = load_split(data_folder, 'train')
+    train_feats, train_caps = load_split(data_folder, 'train', all_crops=True)
     val_feats, val_caps = load_split(data_folder, 'val')
     if val_images > len(val_feats):
         raise UserError(f"--val_images={val_images}: the val split of {data_folder} has {len(val_feats)} images; "
@@ -174,6 +175,41 @@ def epoch_order(n, epoch):
     """The caption order of one epoch: a function of (seed, epoch) alone, so that a resumed
     run visits exactly the batches an uninterrupted one would."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def step_features(feats, iteration):
+    """What a step takes its image rows from: the (N, D) features themselves, or of kept crops
+    (N, C, D) one crop of each image, drawn uniformly on the device as a function of (seed,
+    iteration) alone, so that a resumed run draws exactly the crops an uninterrupted one would."""
+    if feats.dim() == 2:
+        return feats
+    generator = torch.Generator(device=feats.device).manual_seed(mix32(iteration ^ mix32(seed)))
+    return DrawnCrops(feats, torch.randint(feats.shape[1], (len(feats),), generator=generator, device=feats.device))
+
+
+def mix32(x):
+    """MurmurHash3's finalizer, a bijection of 32-bit integers: the crop draws' generator seeds
+    differ for every iteration of a run and look unrelated across seeds. 32 bits, because a CPU
+    generator keeps only the low 32 bits of its seed (seed * 2**32 + iteration would ignore the seed)."""
+    x &= 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def crops_note(feats):
+    return f" ({feats.shape[1]} crops each, one drawn per step)" if feats.dim() == 3 else ''
+
+
+class DrawnCrops:
+    """(N, C, D) crops and a crop per image, indexed like the (N, D) rows of those crops: the
+    rows a step takes are gathered in one indexing on the device, never all N."""
+
+    def __init__(self, feats, crop):
+        self.feats, self.crop, self.device = feats, crop, feats.device
+
+    def __getitem__(self, rows):
+        return self.feats[rows, self.crop[rows]]
 
 
 def make_optimizer(model, lr, weight_decay=0.0):

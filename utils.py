@@ -157,7 +157,7 @@ def read_json(path, what='file'):
 
 def split_paths(data_dir, split):
     """The files prep.py writes for one split."""
-    return (os.path.join(data_dir, f'{split}_ims.npy'),    # float32 (N, D), rows L2-normalized
+    return (os.path.join(data_dir, f'{split}_ims.npy'),    # float32 (N, D) or kept crops (N, C, D), rows L2-normalized
             os.path.join(data_dir, f'{split}_caps.txt'))   # 5N lines of space-separated tokens
 
 
@@ -184,8 +184,10 @@ def load_vocab(data_dir):
     return vocab
 
 
-def load_split(data_dir, split):
-    """(features float32 (N, D), captions list of 5N token strings) of a prepared split."""
+def load_split(data_dir, split, all_crops=False):
+    """(features float32 (N, D), captions list of 5N token strings) of a prepared split. Of a
+    dataset that kept each image's crops (meta.json kept_crops): with all_crops the (N, C, D)
+    array as it is, else the mean of each image's crops, re-normalized (mean_of_crops)."""
     meta = load_meta(data_dir)
     if split not in meta['splits']:
         raise UserError(f"{data_dir}: split {split!r} was not prepared (its dataset json has no such images); "
@@ -199,8 +201,9 @@ def load_split(data_dir, split):
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); {again}") from None
     check_real_numbers(feats, ims_path, again)
-    if feats.ndim != 2 or feats.shape[1] != meta['feature_dim']:
-        raise UserError(f"{ims_path}: shape {feats.shape}, expected (images, {meta['feature_dim']}) as meta.json says; {again}")
+    shape = ('images', meta.get('crops'), meta['feature_dim']) if meta.get('kept_crops') else ('images', meta['feature_dim'])
+    if feats.ndim != len(shape) or feats.shape[1:] != shape[1:]:
+        raise UserError(f"{ims_path}: shape {feats.shape}, expected ({', '.join(map(str, shape))}) as meta.json says; {again}")
     if len(captions) != CAPS_PER_IMAGE * len(feats):
         raise UserError(f"{caps_path}: {len(captions)} captions for {len(feats)} images (expected 5 each); {again}")
     empty = [n for n, c in enumerate(captions) if not c.split()]
@@ -210,7 +213,20 @@ def load_split(data_dir, split):
     bad = first_nonfinite_row(feats)
     if bad is not None:
         raise UserError(f"{ims_path}: row {bad} holds NaN or inf; {again}")
+    if feats.ndim == 3 and not all_crops:
+        feats = mean_of_crops(feats, ims_path)
     return feats, captions
+
+
+def mean_of_crops(feats, source):
+    """(N, C, D) crops, each L2-normalized -> (N, D): each image's mean crop, L2-normalized,
+    what validation and eval.py score an image by."""
+    mean = feats.mean(1)
+    norms = np.linalg.norm(mean, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise UserError(f"{source}: image {int((norms[:, 0] == 0).argmax())}: its crops cancel out (their mean is zero); "
+                        "check the features")
+    return mean / norms
 
 
 def check_real_numbers(array, path, advice):
@@ -224,9 +240,11 @@ def check_real_numbers(array, path, advice):
 
 
 def first_nonfinite_row(feats, rows=8192):
-    """The index of the first row with a NaN or inf, or None; in blocks, to bound the memory."""
+    """The index of the first row (an image: all its crops) with a NaN or inf, or None; in
+    blocks, to bound the memory."""
     for start in range(0, len(feats), rows):
-        ok = np.isfinite(feats[start:start + rows]).all(1)
+        block = feats[start:start + rows]
+        ok = np.isfinite(block.reshape(len(block), -1)).all(1)
         if not ok.all():
             return start + int(np.argmin(ok))
     return None

@@ -100,6 +100,8 @@ BAD_OPTIONS = [
     ('prep', '--mirror=example.com/files', '--mirror=example.com/files', 'scheme'),
     ('prep', '--cnn=alexnet', '--cnn=alexnet: must be one of vgg16'),
     ('prep', '--crops=5', '--crops=5'),
+    ('prep', '--keep_crops=True', '--keep_crops=True: the synthetic set has one feature per image'),
+    ('prep', '--keep_crops=1', '--keep_crops=1: expected a bool'),
     ('prep', '--weights=missing.pth', '--weights=missing.pth'),
     ('prep', '--batch_size=-1', '--batch_size=-1'),
     ('prep', '--workers=-1', '--workers=-1'),
@@ -185,6 +187,12 @@ def bad_dataset_json(case, folder):
     (folder / 'dataset.json').write_text(json.dumps(data))
     if case == 'nested':
         (folder / 'dataset.json').write_text('{"images": ' + '[' * 100000 + ']' * 100000 + '}')
+    elif case in CROP_ARRAYS:
+        shape, options = CROP_ARRAYS[case]
+        np.save(npy, np.random.default_rng(1).random(shape))
+        return [f'--features={npy}', *options]
+    elif case == 'keep_crops_of_mat':
+        return ['--crops=10', '--keep_crops=True']
     elif case.startswith('mat_'):
         value = {'mat_cell': np.array([feats[:, 0], 'x'], dtype=object), 'mat_text': 'features',
                  'mat_complex': feats + 1j}[case]
@@ -197,6 +205,15 @@ def bad_dataset_json(case, folder):
                 np.save(f, rows.astype(np.complex64) if case == 'npy_complex' else np.array([['a'] * 8] * 5))
         return [f'--features={npy}']
     return []
+
+
+CROP_ARRAYS = {  # --features arrays that do not fit the crop options: (shape, options)
+    'npy_crop_count': ((5, 4, 8), ['--crops=10']),
+    'npy_no_crops': ((5, 0, 8), []),
+    'npy_4d': ((5, 2, 2, 8), []),
+    'npy_keep_one_feature': ((5, 8), ['--keep_crops=True']),
+    'npy_keep_one_crop': ((5, 1, 8), ['--keep_crops=True']),
+}
 
 
 BAD_FILES = [
@@ -217,6 +234,12 @@ BAD_FILES = [
     ('npy_npz', 'mine.npy: a .npz archive, not an array'),
     ('npy_complex', 'mine.npy: an array of complex64 values'),
     ('npy_text', 'mine.npy: an array of <U1 values'),
+    ('npy_crop_count', 'mine.npy: 4 crops per image (shape (5, 4, 8)), but --crops=10; pass --crops=4 or leave --crops out'),
+    ('npy_no_crops', 'mine.npy: shape (5, 0, 8): no crops per image'),
+    ('npy_4d', 'mine.npy: shape (5, 2, 2, 8), expected (5, D)'),
+    ('npy_keep_one_feature', 'mine.npy holds one feature per image, shape (5, 8); keeping crops needs an (N, C, D)'),
+    ('npy_keep_one_crop', 'mine.npy holds one crop per image, shape (5, 1, 8), nothing to keep apart'),
+    ('keep_crops_of_mat', "vgg_feats.mat: Karpathy's features, one per image, come before the images, so --keep_crops"),
 ]
 
 
