@@ -88,19 +88,18 @@ def test_dropout_acts_in_training_only():
 
 
 def test_weight_decay_pulls_weights_towards_zero():
-    """train.make_optimizer's weight_decay: with no gradient from the loss, a step shrinks every
-    weight; without it, nothing moves."""
+    """train.make_optimizer's weight_decay: with no gradient from the loss, a step shrinks the
+    weights (Adam moves each by about lr towards zero); without it, nothing moves."""
     import train
     for decay, moves in ((0.0, False), (1e-2, True)):
         torch.manual_seed(0)
         layer = torch.nn.Linear(4, 3)
         before = [p.detach().clone() for p in layer.parameters()]
-        optimizer = train.make_optimizer(layer, 1e-2, decay)
+        optimizer = train.make_optimizer(layer, 1e-3, decay)
         for p in layer.parameters():
             p.grad = torch.zeros_like(p)
         optimizer.step()
         for p, q in zip(layer.parameters(), before):
-            nonzero = q != 0
             assert torch.equal(p, q) != moves
             if moves:
-                assert (p[nonzero].abs() < q[nonzero].abs()).all()
+                assert p.norm() < q.norm() - 1e-4
