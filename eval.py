@@ -22,6 +22,7 @@ import os
 import numpy as np
 import torch
 
+from finetune import attach_backbone, split_features
 from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
 from options import DEVICE, at_least, one_of, parse_config, pick_device, run_main
@@ -71,6 +72,8 @@ def load_model(path, dev):
         config = ckpt['config']
         model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), config['word_dim'], config['embed_dim'],
                                config['measure'])
+        if config.get('finetune'):  # a fine-tuned CNN: its architecture here, its weights in the checkpoint
+            attach_backbone(model, config['cnn'], None, dev)
         model.load_state_dict(ckpt['model'])
     except Exception as e:  # e.g. a config that does not match the weights' shapes
         raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -97,9 +100,12 @@ def search(model, images, captions, k=10, by='text'):
     return top_k(scores.t() if by == 'text' else scores, k)
 
 
-def image_features(paths, meta, dev):
+def image_features(paths, meta, dev, backbone=None):
     """New image files -> features computed as prep.py computed the dataset's (same CNN, crops,
-    weights, decoder and dtype), rows L2-normalized. Only for datasets whose features prep.py extracted itself."""
+    weights, decoder and dtype), rows L2-normalized. Only for datasets whose features prep.py extracted itself.
+    backbone: a fine-tuned CNN (model.backbone), which replaces the dataset's (center crop)."""
+    if backbone is not None:
+        return split_features(backbone, paths, dev, meta.get('decode', 'pil'), meta.get('dtype', 'float32'))
     if 'cnn' not in meta:
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
@@ -209,7 +215,7 @@ def image_queries(model, vocab, feats, captions, files, folder, data_folder, met
             folder = None
         mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), image)]
         truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
-        images = encode_images(model, image_features(query_paths, meta, dev))
+        images = encode_images(model, image_features(query_paths, meta, dev, getattr(model, 'backbone', None)))
     else:
         picks = np.linspace(0, len(feats) - 1, gallery_queries).round().astype(int)
         query_paths = [os.path.join(folder, files[i]) for i in picks]
@@ -344,6 +350,9 @@ def main(argv):
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
+    if hasattr(model, 'backbone'):  # fine-tuned: the split's features through its CNN, not prep.py's
+        folder = find_images_dir(images_dir, data_folder, meta, files)
+        feats = image_features([os.path.join(folder, f) for f in files], meta, dev, model.backbone)
     with torch.no_grad():
         if query or image or gallery:
             use_model(model, ckpt, data_folder, meta, feats, captions, files, dev)
