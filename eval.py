@@ -15,6 +15,8 @@ reported as "1K" (mean over 5 folds of 1,000 images) as well as "5K" (all of it)
 Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir.
 In a notebook: load_model, encode_text, encode_images (from utils), search, image_features below.
 The pictures of --gallery are drawn by gallery.py.
+A checkpoint of train.py --finetune=True holds its CNN: the split's features (and --image's)
+are then computed from the images with it (center crop) instead of read from <split>_ims.npy.
 """
 import json
 import os

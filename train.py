@@ -2,6 +2,7 @@
 
     python train.py --dataset=flickr8k
     python train.py --dataset=coco --measure=cosine --margin=0.2 --warmup_epochs=0   # VSE++ (hardest negatives)
+    python train.py --dataset=flickr8k --finetune=True  # the CNN trains too after warmup_epochs (finetune.py)
 
 Every constant below can be overridden as --name=value (--help lists them). Writes into out_dir:
 best.pt (best validation rsum), last.pt (where training stands; --resume=True continues from it),
