@@ -147,6 +147,24 @@ def test_the_cnn_trains_and_eval_uses_it(run, dataset):
     files = (dataset / 'test_files.txt').read_text().splitlines()
     scores, indices = ev.search(model, by_hand, ev.encode_text(model, ckpt['vocab'], ['a picture number 20']), k=8)
     assert listed == [files[i] for i in indices[0].tolist()], proc.stdout
+    # --image: a test image's features through the tuned CNN, its captions ranked as by hand
+    folder = json.loads((dataset / 'meta.json').read_text())['images_dir']
+    proc = run_here('eval', f'--out_dir={run}', '--checkpoint=last.pt', f'--image={os.path.join(folder, files[3])}',
+                    '--k=5', '--compile=False')
+    listed = [' '.join(line.split()[2 + ('*' in line.split()[1]):]) for line in proc.stdout.splitlines()
+              if line.strip().split(' ')[0].isdigit()]
+    captions = (dataset / 'test_caps.txt').read_text().splitlines()
+    _, indices = ev.search(model, by_hand[3:4], torch.from_numpy(written['captions']), k=5, by='image')
+    assert listed == [captions[j] for j in indices[0].tolist()], proc.stdout
+
+
+def test_bfloat16_fine_tuning(dataset, tmp_path):
+    """bfloat16 autocast (channels_last on a CPU): the CNN trains and stays finite."""
+    proc = train(dataset, tmp_path / 'out', '--dtype=bfloat16', '--epochs=2')
+    assert proc.returncode == 0 and 'in bfloat16' in proc.stdout, proc
+    tuned = torch.load(tmp_path / 'out' / 'last.pt', weights_only=True)['model']
+    assert all(torch.isfinite(v).all() for v in tuned.values())
+    assert not torch.allclose(tuned['backbone.net.0.weight'], tiny_net().state_dict()['0.weight'])
 
 
 def test_a_run_stopped_while_fine_tuning_resumes_bit_for_bit(run, dataset, tmp_path):
