@@ -252,7 +252,7 @@ def finetune_step(model, optimizer, batch, tokens, lengths, idx, settings):
     dev = tokens.device
     order = lengths[idx].argsort(descending=True, stable=True)   # longest first, as batch_loss
     idx, lens = idx[order], lengths[idx[order]]
-    x = pixels[order].to(dev, non_blocking=True)
+    x = pixels.to(dev, non_blocking=True)[order.to(dev)]   # from the loader's pinned memory, then reordered
     if uses_channels_last(dev, settings.dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings.dtype == 'bfloat16'):
