@@ -28,6 +28,10 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   and for decode='torch' the rate at which the workers hand the files' bytes over (read_torch).
   ours_float32: the same batched extraction in float32. naive: one image at a time through PIL
   and fp32.
+- finetune (not in the default stages): images/s through the CNN inside train.py's fine-tuning step
+  (train.finetune_step: EfficientNet-Lite0 with random weights, batch norm frozen, on random
+  224 crops already decoded; the GRU, the loss and Adam over everything), against the bare CNN's
+  forward and backward on the same batches (interleaved blocks, as train's GRU); no naive.
 Prints one table and writes every figure to --out (JSON).
 """
 import contextlib
@@ -42,11 +46,13 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import finetune as fine_tuning
 import prep
 import train
 from model import JointEmbedding, contrastive_loss, score_matrix
 from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone,
-                      default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
+                      default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops,
+                      uses_channels_last)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
 from options import (DEVICE, DTYPES, SEED, at_least, cpu_runs_bfloat16, one_of, parse_config, pick_device, pick_dtype,
                      run_main)
@@ -79,7 +85,7 @@ SCALES = {
 DEFAULTS = dict(feature_dim=4096, word_dim=300, embed_dim=1024, batch_size=128, iters=30,
                 extract_images=0, image_size=(640, 480))
 LENGTHS = (8, 15)
-STAGES = ('train', 'eval', 'extract')
+STAGES = ('train', 'eval', 'extract', 'finetune')
 # What each option must be, checked before any work (options.check_options).
 OPTION_RULES = {
     'scale': one_of(*SCALES),
@@ -230,6 +236,45 @@ def naive_step(model, optimizer, features, captions, cfg):
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
     optimizer.step()
     return loss.detach()
+
+
+def bench_finetune(s, dev, gen):
+    """train.finetune_step against the same CNN's forward and backward alone (see the docstring)."""
+    cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
+    cfg.dtype, cfg.grad_clip = pick_dtype(dtype, dev), train.grad_clip or float('inf')
+    batch, iters = s['batch_size'] if dev.type == 'cuda' else 16, train_iters or (s['iters'] if dev.type == 'cuda' else 6)
+    _, tokens, lengths = synthetic_training_set({**s, 'train_images': batch * (iters + 2)}, dev, gen)
+    model = JointEmbedding(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
+    fine_tuning.attach_backbone(model, 'efficientnet_lite0', None, dev, cfg.dtype)
+    optimizer = fine_tuning.make_optimizer(model, cfg.learning_rate, cfg.cnn_learning_rate)
+    bare = fine_tuning.Backbone(fine_tuning.build_network('efficientnet_lite0', None, dev, cfg.dtype)[0], 'efficientnet_lite0')
+    pixels = torch.randn(batch, 3, 224, 224, generator=gen)
+    batches = [torch.randperm(len(tokens), generator=gen)[:batch] for _ in range(iters + 2)]
+
+    def ours(idx):
+        train.finetune_step(model, optimizer, (pixels, idx // 5), tokens, lengths, idx, cfg)
+
+    def alone(idx):   # the CNN's part of a step: forward and backward into its weights
+        bare.zero_grad(set_to_none=True)
+        x = pixels.to(dev).contiguous(memory_format=torch.channels_last if uses_channels_last(dev, cfg.dtype) else
+                                      torch.contiguous_format)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
+            f = bare(x)
+        f.sum().backward()
+
+    for idx in batches[:2]:   # warm-up
+        ours(idx)
+        alone(idx)
+    t_ours = t_alone = 0.0
+    block = 2
+    for b in range(2, 2 + iters, block):
+        chunk = batches[b:b + block]
+        t_ours += timed(lambda: [ours(idx) for idx in chunk], dev)
+        t_alone += timed(lambda: [alone(idx) for idx in chunk], dev)
+    result = {'ours': iters * batch / t_ours, 'ceiling': iters * batch / t_alone, 'unit': 'images/s', 'cnn':
+              'efficientnet_lite0', 'iterations': iters, 'batch_size': batch, 'dtype': cfg.dtype, 'naive': None}
+    result['ratio'] = result['ours'] / result['ceiling']
+    return result
 
 
 # ----------------------------------------------------------------------------- eval
@@ -502,7 +547,8 @@ def main(argv):
               'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
     for stage in chosen:
         print(f"{stage} ...", flush=True)
-        report[stage] = {'train': bench_train, 'eval': bench_eval, 'extract': bench_extract}[stage](s, dev, gen)
+        report[stage] = {'train': bench_train, 'eval': bench_eval, 'extract': bench_extract,
+                         'finetune': bench_finetune}[stage](s, dev, gen)
     print_table(report, chosen)
     write_json(out, report)
     print(f"wrote {out}")
@@ -524,7 +570,7 @@ def print_table(report, chosen):
     print(f"\n{report['device_name']} ({report['device']}), scale {report['scale']}, torch {report['torch']}")
     print(f"{'stage':16s}{'ours':>12s}{'ceiling':>12s}{'ratio':>8s}{'naive':>12s}  unit")
     rows = {'train': [('train', '')], 'eval': [('eval order', ''), ('eval cosine', '_cosine')],
-            'extract': [('extract 1-crop', ''), ('extract 10-crop', '_10crop')]}
+            'extract': [('extract 1-crop', ''), ('extract 10-crop', '_10crop')], 'finetune': [('finetune', '')]}
     for stage in chosen:
         r = report[stage]
         for name, suffix in rows[stage]:

@@ -17,6 +17,8 @@ Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) int
 --ensemble writes results_<split>_ensemble.json (ranks_<split>_ensemble.json) into its first run.
 In a notebook: load_model, encode_text, encode_images (from utils), search, image_features below.
 The pictures of --gallery are drawn by gallery.py.
+A checkpoint of train.py --finetune=True holds its CNN: the split's features (and --image's)
+are then computed from the images with it (center crop) instead of read from <split>_ims.npy.
 """
 import json
 import os
@@ -25,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from finetune import attach_backbone, split_features
 from gallery import draw_image_gallery, draw_text_gallery
 from model import JointEmbedding, score_matrix
 from options import DEVICE, at_least, one_of, parse_config, pick_device, run_main
@@ -77,6 +80,8 @@ def load_model(path, dev):
         config = ckpt['config']
         model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), config['word_dim'], config['embed_dim'],
                                config['measure'])
+        if config.get('finetune'):  # a fine-tuned CNN: its architecture here, its weights in the checkpoint
+            attach_backbone(model, config['cnn'], None, dev)
         model.load_state_dict(ckpt['model'])
     except Exception as e:  # e.g. a config that does not match the weights' shapes
         raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -103,11 +108,14 @@ def search(model, images, captions, k=10, by='text'):
     return top_k(scores.t() if by == 'text' else scores, k)
 
 
-def image_features(paths, meta, dev):
+def image_features(paths, meta, dev, backbone=None):
     """New image files -> features computed as prep.py computed the dataset's (same CNN, crops,
     weights, decoder and dtype), rows L2-normalized; of a dataset that kept its crops, the mean
     of the normalized crops, as load_split scores its images. Only for datasets whose features
-    prep.py extracted itself."""
+    prep.py extracted itself. backbone: a fine-tuned CNN (model.backbone), which replaces the
+    dataset's (center crop)."""
+    if backbone is not None:
+        return split_features(backbone, paths, dev, meta.get('decode', 'pil'), meta.get('dtype', 'float32'))
     if 'cnn' not in meta:
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
@@ -219,7 +227,7 @@ def image_queries(model, vocab, feats, captions, files, folder, data_folder, met
             folder = None
         mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), image)]
         truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
-        images = encode_images(model, image_features(query_paths, meta, dev))
+        images = encode_images(model, image_features(query_paths, meta, dev, getattr(model, 'backbone', None)))
     else:
         picks = np.linspace(0, len(feats) - 1, gallery_queries).round().astype(int)
         query_paths = [os.path.join(folder, files[i]) for i in picks]
@@ -385,6 +393,9 @@ def load_run(folder, dev):
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
+    if hasattr(model, 'backbone'):  # fine-tuned: the split's features through its CNN, not prep.py's
+        folder = find_images_dir(images_dir, data_folder, meta, files)
+        feats = image_features([os.path.join(folder, f) for f in files], meta, dev, model.backbone)
     return SimpleNamespace(folder=folder, model=model, ckpt=ckpt, ckpt_path=ckpt_path, data=data_folder, meta=meta,
                            feats=feats, captions=captions, files=files)
 

@@ -2,6 +2,7 @@
 
     python train.py --dataset=flickr8k
     python train.py --dataset=coco --measure=cosine --margin=0.2 --warmup_epochs=0   # VSE++ (hardest negatives)
+    python train.py --dataset=flickr8k --finetune=True  # the CNN trains too after warmup_epochs (finetune.py)
 
 Every constant below can be overridden as --name=value (--help lists them). Writes into out_dir:
 best.pt (best validation rsum), last.pt (where training stands; --resume=True continues from it),
@@ -25,6 +26,9 @@ import torch.distributed as dist
 import torch.distributed.nn
 from tqdm import tqdm
 
+from features import uses_channels_last
+from finetune import TrainingImages, attach_backbone, augment_seeds, epoch_batches, split_features
+from finetune import make_optimizer as make_finetune_optimizer
 from model import JointEmbedding, contrastive_loss, score_matrix
 from options import (DEVICE, DTYPES, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, pick_dtype,
                      probability, run_main)
@@ -57,6 +61,9 @@ resume = False            # continue from out_dir/last.pt
 seed = 1234               # the initial weights and each epoch's caption order
 device = 'auto'           # auto = cuda, then mps, then cpu
 dtype = 'auto'            # auto: bfloat16 autocast for the encoders on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere; or float32 | bfloat16
+finetune = False          # True: after warmup_epochs the image CNN trains too, from the images (finetune.py; a dataset prep.py extracted)
+cnn_learning_rate = 2e-4  # with finetune: Adam's rate for the CNN (VSE++'s), also x 0.1 from lr_decay_epoch
+workers = min(4, os.cpu_count() or 1)  # with finetune: processes decoding and augmenting the training images
 compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # What each option must be, checked before any work (options.check_options). val_images is checked
@@ -84,6 +91,8 @@ OPTION_RULES = {
     'seed': SEED,
     'device': DEVICE,
     'dtype': one_of(*DTYPES),
+    'cnn_learning_rate': non_negative('the CNN stays as it is'),
+    'workers': at_least(0),
 }
 # -----------------------------------------------------------------------------
 
@@ -98,8 +107,10 @@ def main(argv):
     iters_per_epoch = math.ceil(n_caps / global_batch)
     model = JointEmbedding(data.feats.shape[-1], len(data.vocab), word_dim, embed_dim, measure, compile,
                            word_dropout, image_dropout).to(dev)
+    train_images = setup_finetuning(model, config, data, dev, settings.dtype) if finetune else None
     broadcast_weights(model)
-    optimizer = make_optimizer(model, learning_rate, weight_decay)
+    optimizer = (make_finetune_optimizer(model, learning_rate, cnn_learning_rate, weight_decay) if finetune
+                 else make_optimizer(model, learning_rate, weight_decay))
     run = Run(config, data.vocab, model, optimizer, master=rank == 0, dev=dev)
     with run, StopRequests() as stop:  # the run folder's lock and log are let go however the run ends
         if resume and run.resume(iters_per_epoch):
@@ -111,11 +122,13 @@ def main(argv):
                   f"validating on {len(data.val_feats)} val images; writing to {run.out_dir}")
         while run.iteration < epochs * iters_per_epoch and not any_rank(run.patience_exhausted(), dev):
             epoch, start = divmod(run.iteration, iters_per_epoch)
-            lr = learning_rate * (0.1 if lr_decay_epoch and epoch >= lr_decay_epoch else 1.0)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
+            decay = 0.1 if lr_decay_epoch and epoch >= lr_decay_epoch else 1.0
+            lr = learning_rate * decay
+            for group in optimizer.param_groups:  # the fine-tuned CNN has a rate of its own
+                group['lr'] = (cnn_learning_rate if group.get('name') == 'backbone' else learning_rate) * decay
             settings.max_violation = max_violation and epoch >= warmup_epochs
             order = epoch_order(n_caps, epoch)
+            images = epoch_images(train_images, order, epoch, start, global_batch, rank, world, dev)
             t0 = time.time()
             bar = tqdm(range(start, iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                        initial=start, total=iters_per_epoch, disable=None if run.master else True)
@@ -123,8 +136,12 @@ def main(argv):
                 # Each rank takes its share of the global batch (the last one is cut to a multiple of world).
                 idx = order[b * global_batch:(b + 1) * global_batch]
                 share = len(idx) // world
-                run.record(*train_step(model, optimizer, step_features(data.feats, run.iteration), data.tokens,
-                                       data.lengths, idx[rank * share:(rank + 1) * share], settings))
+                mine = idx[rank * share:(rank + 1) * share]
+                if images is None:
+                    run.record(*train_step(model, optimizer, step_features(data.feats, run.iteration), data.tokens,
+                                           data.lengths, mine, settings))
+                else:  # the CNN trains too, on this batch's images, decoded and augmented (finetune.py)
+                    run.record(*finetune_step(model, optimizer, next(images), data.tokens, data.lengths, mine, settings))
                 if run.iteration % log_interval == 0 or b == iters_per_epoch - 1:
                     bar.set_postfix(loss=f"{run.log_loss(lr, iters_per_epoch):.3f}")
                 if stop.agreed(run.iteration, world, dev):
@@ -216,6 +233,25 @@ def make_optimizer(model, lr, weight_decay=0.0):
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)  # fused: one kernel for all parameters
 
 
+def setup_finetuning(model, config, data, dev, dtype):
+    """--finetune=True: the dataset's CNN with the weights prep.py used attached to the model
+    (model.backbone), the image files of train and val checked; returns the train images."""
+    train_images = TrainingImages(config['data_dir'], 'train')
+    data.val_images = TrainingImages(config['data_dir'], 'val')
+    attach_backbone(model, train_images.cnn, train_images.weights, dev, dtype)
+    config['cnn'] = train_images.cnn  # for eval.py, which rebuilds it from the checkpoint
+    return train_images
+
+
+def epoch_images(train_images, order, epoch, start, global_batch, rank, world, dev):
+    """With --finetune=True after warmup_epochs: this epoch's augmented image batches from batch
+    `start` on (finetune.epoch_batches); else None, and steps read the prepared features."""
+    if train_images is None or epoch < warmup_epochs:
+        return None
+    return epoch_batches(train_images, order, augment_seeds(len(order), seed, epoch), start, global_batch, rank, world,
+                         workers, pin_memory=dev.type == 'cuda')
+
+
 # ----------------------------------------------------------------------------- one training step
 
 def batch_loss(model, feats, tokens, lengths, idx, settings):
@@ -259,6 +295,31 @@ def clip_in_step(model, optimizer, max_norm):
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)   # 1 / clip_grad_norm_'s coefficient
     return norm
+
+
+def finetune_step(model, optimizer, batch, tokens, lengths, idx, settings):
+    """train_step with the image features computed by model.backbone from this batch's
+    augmented images (pixels, image ids) instead of read from the prepared ones."""
+    pixels, image_ids = batch
+    if not torch.equal(image_ids, idx // 5):
+        raise RuntimeError("the image batches are out of step with the captions")
+    dev = tokens.device
+    order = lengths[idx].argsort(descending=True, stable=True)   # longest first, as batch_loss
+    idx, lens = idx[order], lengths[idx[order]]
+    x = pixels.to(dev, non_blocking=True)[order.to(dev)]   # from the loader's pinned memory, then reordered
+    if uses_channels_last(dev, settings.dtype):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings.dtype == 'bfloat16'):
+        images = model.encode_images(model.backbone(x))
+        captions = model.encode_captions(tokens[idx.to(dev), :int(lens.max())], lens)
+    loss = contrastive_loss(model.scores(gather(images), gather(captions)), settings.margin, settings.max_violation)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist.is_initialized():
+        average_gradients(model)
+    grad_norm = clip_in_step(model, optimizer, settings.grad_clip)
+    optimizer.step()
+    return loss.detach(), grad_norm
 
 
 @torch.no_grad()
@@ -378,7 +439,7 @@ class Run:
         """Rank 0 validates, logs, redraws the curves and saves; the other ranks wait for it."""
         self.check_finite()
         if self.master:
-            val = validate(self.model, data.val_feats, data.val_caps, self.vocab)
+            val = validate(self.model, self.val_features(data, iters_per_epoch), data.val_caps, self.vocab)
             print(f"iteration {self.iteration} (epoch {self.iteration / iters_per_epoch:.2f}) val: "
                   f"i2t R@1 {val['i2t']['r1']:.1f} R@5 {val['i2t']['r5']:.1f} R@10 {val['i2t']['r10']:.1f} | "
                   f"t2i R@1 {val['t2i']['r1']:.1f} R@5 {val['t2i']['r5']:.1f} R@10 {val['t2i']['r10']:.1f} | "
@@ -391,6 +452,14 @@ class Run:
                       f"{self.config['patience']}); stopping, best.pt keeps the best (rsum {self.best_rsum:.1f})")
         if dist.is_initialized():
             dist.barrier()
+
+    def val_features(self, data, iters_per_epoch):
+        """prep.py's val features; once a fine-tuned CNN has been trained, the val images' through it."""
+        if not self.config['finetune'] or self.iteration <= self.config['warmup_epochs'] * iters_per_epoch:
+            return data.val_feats
+        images = data.val_images
+        return split_features(self.model.backbone, images.paths[:len(data.val_feats)], self.losses.device,
+                              images.decode, images.dtype, self.config['workers'])
 
     def patience_exhausted(self):
         return 0 < self.config['patience'] <= self.since_best

@@ -91,6 +91,8 @@ BAD_OPTIONS = [
     ('train', '--warmup_epochs=-1', '--warmup_epochs=-1'),
     ('train', '--lr_decay_epoch=-2', '--lr_decay_epoch=-2'),
     ('train', '--embed_dim=big', '--embed_dim=big: expected an int like'),
+    ('train', '--cnn_learning_rate=-2e-4', '--cnn_learning_rate=-0.0002'),
+    ('train', '--workers=-1', '--workers=-1: must be at least 0'),
     ('prep', '--data_dir=tests/conftest.py', '--data_dir=tests/conftest.py: must be a folder'),
     ('prep', '--dataset=', '--dataset=: must be a name'),
     ('prep', '--features=feats.npz', '--features=feats.npz', '.npy file'),
