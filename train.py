@@ -50,7 +50,7 @@ learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-
 lr_decay_epoch = 7        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
 word_dropout = 0.0        # dropout on the word vectors while training (against overfitting; docs/recipe.md)
 image_dropout = 0.0       # dropout on the image features while training
-weight_decay = 0.0        # Adam's L2 penalty on every weight (coupled, as torch.optim.Adam's weight_decay)
+weight_decay = 0.0        # decoupled (AdamW): each step also multiplies the weights by 1 - lr * weight_decay; 0 = off
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 10               # passes over the train captions (docs/recipe.md: the defaults were chosen on Flickr8k val)
 patience = 0              # stop when val rsum has not improved for this many validations (best.pt kept); 0 = never
@@ -81,7 +81,7 @@ OPTION_RULES = {
     'lr_decay_epoch': at_least(0),
     'word_dropout': probability(),
     'image_dropout': probability(),
-    'weight_decay': non_negative('no penalty'),
+    'weight_decay': non_negative('off'),
     'grad_clip': non_negative('no clipping'),
     'epochs': at_least(1),
     'patience': at_least(0),
@@ -230,7 +230,10 @@ class DrawnCrops:
 
 
 def make_optimizer(model, lr, weight_decay=0.0):
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)  # fused: one kernel for all parameters
+    # Decoupled decay (AdamW): Adam divides a coupled L2 gradient by each weight's gradient scale,
+    # so a word rarely in a batch would be pulled to zero by about lr a step, whatever the rate.
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True,
+                            fused=True)  # fused: one kernel for all parameters
 
 
 def setup_finetuning(model, config, data, dev, dtype):
@@ -475,6 +478,8 @@ class Run:
             self.since_best = 0 if improved else self.since_best + 1
         state = dict(iteration=self.iteration, best_rsum=self.best_rsum, since_best=self.since_best,
                      loss_window=self.losses.cpu(), grad_norm_window=self.grad_norms.cpu(), rng_state=torch.get_rng_state())
+        if self.losses.device.type == 'cuda':  # dropout on a GPU draws from the GPU's own generator
+            state['cuda_rng_state'] = torch.cuda.get_rng_state(self.losses.device)
         if val is not None and improved:
             save_checkpoint(self.best_path, self.config, self.vocab, self.model, val=val, **state)
         save_checkpoint(self.last_path, self.config, self.vocab, self.model, optimizer=self.optimizer.state_dict(), **state)
@@ -542,12 +547,16 @@ def resume_from(path, config, vocab, model, optimizer, dev):
     try:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group in optimizer.param_groups:  # the saved groups' decay would override --weight_decay
+            group.update(weight_decay=config['weight_decay'], decoupled_weight_decay=True)
         ckpt['iteration'], ckpt['best_rsum'] = int(ckpt['iteration']), float(ckpt['best_rsum'])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
                         "use a new --out_dir") from None
     if 'rng_state' in ckpt:
         torch.set_rng_state(ckpt['rng_state'].cpu())
+    if 'cuda_rng_state' in ckpt and dev.type == 'cuda':
+        torch.cuda.set_rng_state(ckpt['cuda_rng_state'].cpu(), dev)
     changed = [k for k in saved if k != 'resume' and k in config and saved[k] != config[k]]
     if changed:
         print("note: resuming with " + ', '.join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in changed))

@@ -76,6 +76,8 @@ BAD_OPTIONS = [
     ('train', '--word_dropout=1.0', '--word_dropout=1.0: must be a probability in [0, 1)'),
     ('train', '--image_dropout=-0.1', '--image_dropout=-0.1: must be a probability in [0, 1)'),
     ('train', '--weight_decay=-1e-4', '--weight_decay=-0.0001'),
+    ('train', '--weight_decay=1e999', '--weight_decay=inf: must be a finite number'),
+    ('train', '--word_dropout=nan', '--word_dropout=nan'),
     ('train', '--margin=-0.1', '--margin=-0.1'),
     ('train', '--margin=1e999', '--margin=inf: must be a finite number'),
     ('train', '--seed=-1', '--seed=-1'),

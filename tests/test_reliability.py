@@ -25,7 +25,8 @@ import torch
 from conftest import ENV, ROOT, assert_user_error, no_outputs, run_here, start, wait_for, write_pair
 
 # Tiny and frequent: a checkpoint every 3 iterations, a log line every 5, 94 iterations in all.
-TINY = ['--embed_dim=32', '--word_dim=16', '--batch_size=64', '--log_interval=5', '--eval_interval=3', '--epochs=2']
+TINY = ['--embed_dim=32', '--word_dim=16', '--batch_size=64', '--log_interval=5', '--eval_interval=3', '--epochs=2',
+        '--word_dropout=0.1', '--image_dropout=0.1']  # dropout: a resumed run must draw the same masks too
 # One thread: deterministic and, on a loaded machine, many times faster than competing OpenMP threads.
 
 
