@@ -69,13 +69,13 @@ def attach_backbone(model, cnn, weights, device, dtype='float32'):
 
 
 def make_optimizer(model, lr, cnn_lr, weight_decay=0.0):
-    """Adam as train.make_optimizer, in two groups: the encoders at lr, the CNN at cnn_lr
+    """Adam as train.make_optimizer (decoupled weight decay), in two groups: the encoders at lr, the CNN at cnn_lr
     (the group named 'backbone'). The CNN's parameters have no gradient until it joins, and
     Adam leaves them alone until then."""
     cnn = {id(p) for p in model.backbone.parameters()}
     groups = [{'params': [p for p in model.parameters() if id(p) not in cnn], 'lr': lr, 'name': 'encoders'},
               {'params': list(model.backbone.parameters()), 'lr': cnn_lr, 'name': 'backbone'}]
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True, fused=True)
 
 
 # ----------------------------------------------------------------------------- the images
