@@ -16,8 +16,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from conftest import ROOT, SHARED, assert_user_error, draw_image, image_dataset, run_script, tiny_backbone
-from features import (IMAGENET_MEAN, IMAGENET_STD, ImageFiles, build_backbone, extract_features, image_transform,
-                      read_with_pil)
+from features import (CPU_PASS_ROWS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone,
+                      extract_features, image_transform, read_with_pil)
 from utils import UserError
 
 CPU = torch.device('cpu')
@@ -49,6 +49,16 @@ def test_batched_extraction_with_workers_equals_one_image_at_a_time(tmp_path):
     extract_features(net, paths, 'vgg16', 1, CPU, batch_size=2, workers=0, out=out, start=3, progress=False)
     assert (out[:3] == 7).all()
     np.testing.assert_allclose(out[3:], expected[3:], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_cpu_batch_of_crops_runs_in_passes_of_a_few_rows_with_the_same_features():
+    net, passes = tiny_backbone(), []
+    net.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    x = torch.randn(4 * 10, 3, 224, 224, generator=torch.Generator().manual_seed(0))   # 4 images, 10 crops each
+    got, _ = batch_features(net, x, 10, CPU, 'float32', keep_crops=True)
+    assert max(passes) <= CPU_PASS_ROWS < len(x) and sum(passes) == len(x)
+    torch.testing.assert_close(got, net(x).reshape(4, 10, -1), rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()

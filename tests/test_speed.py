@@ -220,3 +220,33 @@ def test_bench_dtype_sets_extraction_too(tmp_path):
 def test_bench_bad_options():
     assert_user_error(run_script('bench.py', '--scale=huge', check=False), '--scale=huge')
     assert_user_error(run_script('bench.py', '--stages=train,fly', check=False), '--stages=train,fly')
+
+
+MALLOC_PROBE = '''
+import ctypes, sys, torch
+sys.path.insert(0, {root!r})
+import options
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks '
+                                               'fordblks keepcost').split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if {keep}:
+    assert options.keep_freed_memory()
+mapped = libc.mallinfo2().hblkhd
+x = torch.ones(5_000_000)    # 20 MB, as a GRU gradient buffer at Flickr8k's sizes
+print(libc.mallinfo2().hblkhd > mapped)
+del x
+print(libc.mallinfo2().fordblks >= 20_000_000)
+'''
+
+
+def test_kept_memory_serves_a_training_sized_buffer_from_the_heap_and_keeps_it():
+    """options.keep_freed_memory (run_main calls it): a 20 MB buffer comes from the process's heap
+    and stays there when freed, where glibc's default maps it from the OS and unmaps it."""
+    if not hasattr(__import__('ctypes').CDLL(None), 'mallinfo2'):
+        pytest.skip('glibc 2.33 or later is needed to read the allocator state')
+    for keep, mapped_and_returned in ((False, 'True\nFalse'), (True, 'False\nTrue')):
+        out = subprocess.run([sys.executable, '-c', MALLOC_PROBE.format(root=str(ROOT), keep=keep)],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == mapped_and_returned, (keep, out)
