@@ -366,10 +366,13 @@ def wait_for(proc, text):
             break
     return lines
 
-def run_here(script, *args):
+def run_here(script, *args, patch=None):
     """prep/train/eval's main in this process, through run_main as on the command line:
-    (returncode, stdout, stderr). The module is reloaded so that its config starts at the defaults."""
+    (returncode, stdout, stderr). The module is reloaded so that its config starts at the defaults;
+    patch(module), if given, then changes what the test needs changed."""
     module = importlib.reload(importlib.import_module(script))
+    if patch is not None:
+        patch(module)
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [f'{script}.py', *map(str, args)]
     try:

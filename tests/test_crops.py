@@ -3,13 +3,10 @@ an (N, C, D) --features array or extracted (resumably) from the images; validati
 score each image's mean crop; train.py draws one crop per image per step, a function of (seed,
 iteration) alone, so that a stopped and resumed run ends bit for bit where an uninterrupted one
 does. Bad crop options are in tests/test_bad_input.py's tables."""
-import contextlib
 import importlib
-import io
 import json
 import os
 import signal
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,30 +50,20 @@ def kept(tmp_path_factory):
 
 
 def run_train(*args, stop_at=None, draws=None):
-    """train.py's main through run_main, in this process (as conftest.run_here), optionally
+    """train.py's main through run_main, in this process (conftest.run_here), optionally
     stopped as Ctrl-C stops it once `stop_at` iterations are done; `draws` collects the
     iteration of every step_features call."""
-    train = importlib.reload(importlib.import_module('train'))
-    if stop_at is not None:
-        def agreed(self, iteration, world, dev):
-            if iteration == stop_at:
-                self.signum = signal.SIGINT
-            return self.signum is not None
-        train.StopRequests.agreed = agreed
-    if draws is not None:
-        draw = train.step_features
-        train.step_features = lambda feats, iteration: draws.append(iteration) or draw(feats, iteration)
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ['train.py', *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            train.run_main(train.main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    def patch(train):
+        if stop_at is not None:
+            def agreed(self, iteration, world, dev):
+                if iteration == stop_at:
+                    self.signum = signal.SIGINT
+                return self.signum is not None
+            train.StopRequests.agreed = agreed
+        if draws is not None:
+            draw = train.step_features
+            train.step_features = lambda feats, iteration: draws.append(iteration) or draw(feats, iteration)
+    return run_here('train', *args, patch=patch)
 
 
 # ----------------------------------------------------------------------------- prep.py
