@@ -5,15 +5,10 @@ a run stopped while fine-tuning resumes bit for bit, and bad input is one line.
 A tiny CNN ('tiny', with a batch norm layer) stands in for the real ones, registered in features.py
 for the test's duration, so that prep.py extracts with it and train.py and eval.py rebuild it; the
 scripts run in this process (run_here), where the registration holds."""
-import contextlib
-import importlib
-import io
 import json
 import os
 import shutil
 import signal
-import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,27 +63,17 @@ def dataset(tiny_cnn, tmp_path_factory):
 
 
 def train(data, out, *extra, stop_at=None):
-    """train.py's main through run_main, as run_here runs it; stop_at: a Ctrl-C at that iteration."""
-    module = importlib.reload(importlib.import_module('train'))
-    if stop_at is not None:
+    """train.py's main through run_main (conftest.run_here); stop_at: a Ctrl-C at that iteration."""
+    def stop_there(module):
         agreed = module.StopRequests.agreed
 
-        def stop_there(self, iteration, world, dev):
+        def agreed_or_stop(self, iteration, world, dev):
             if iteration == stop_at:
                 self.signum = signal.SIGINT
             return agreed(self, iteration, world, dev)
-        module.StopRequests.agreed = stop_there
-    out_text, err_text, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ['train.py', '--dataset=x', f'--data_dir={data}', f'--out_dir={out}', *TRAIN, *extra]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
-            module.run_main(module.main)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(returncode=code, stdout=out_text.getvalue(), stderr=err_text.getvalue())
+        module.StopRequests.agreed = agreed_or_stop
+    return run_here('train', '--dataset=x', f'--data_dir={data}', f'--out_dir={out}', *TRAIN, *extra,
+                    patch=stop_there if stop_at is not None else None)
 
 
 @pytest.fixture(scope='module')
