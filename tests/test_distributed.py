@@ -1,6 +1,6 @@
 """torchrun: two gloo processes on the CPU compute the same loss and gradients as one process on
-the same global batch, train.py trains and resumes under torchrun, and prep.py's sharded feature
-extraction equals a single process's."""
+the same global batch, train.py trains and resumes under torchrun, fine-tunes the CNN as one
+process does, and prep.py's sharded feature extraction equals a single process's."""
 import json
 import os
 import subprocess
@@ -8,10 +8,12 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import features
 from conftest import ROOT, image_dataset, run_script
 
 CASES = [SimpleNamespace(measure='order', margin=0.05, max_violation=False, dtype='float32'),
@@ -107,3 +109,34 @@ def test_torchrun_extraction_equals_one_process(tmp_path):
     assert (tmp_path / 'two' / 'features_vgg16_1crop.npy.progress-1-of-2.json').exists()  # rank 1 did its shard
     meta = json.load(open(tmp_path / 'two' / 'meta.json'))
     assert meta['splits']['train'] == {'images': 4, 'captions': 20}
+
+
+def test_torchrun_fine_tunes_the_cnn_as_one_process_on_the_global_batch(tmp_path):
+    """--finetune=True under torchrun: each rank decodes its share of the global batch, and the
+    CNN's gradients are averaged with the rest, so the CNN moves as one process's does on the
+    whole batch (to float rounding, far below the size of the move itself)."""
+    pytest.importorskip('timm')
+    image_dataset(tmp_path, ['train'] * 8 + ['val'] * 2 + ['test'] * 2)
+    data = tmp_path / 'data'
+    run_script('prep.py', '--dataset=x', f'--data_dir={data}', f'--dataset_json={tmp_path / "dataset.json"}',
+               f'--images_dir={tmp_path / "images"}', '--cnn=efficientnet_lite0', '--weights=random', '--workers=0',
+               '--dtype=float32')
+    # 40 captions, a global batch of 8: 5 steps of the CNN in epoch 2. No dropout: each rank
+    # would draw its own masks.
+    common = ['--dataset=x', f'--data_dir={data}', '--finetune=True', '--warmup_epochs=1', '--epochs=2',
+              '--embed_dim=16', '--word_dim=8', '--workers=0', '--compile=False', '--dtype=float32', '--image_dropout=0']
+    two = torchrun(*common, f'--out_dir={tmp_path / "two"}', '--batch_size=4')
+    assert 'x 2 processes' in two.stdout
+    run_script('train.py', *common, f'--out_dir={tmp_path / "one"}', '--batch_size=8', env={'OMP_NUM_THREADS': '1'})
+    start, _ = features.build_backbone('efficientnet_lite0', 'random', torch.device('cpu'))
+    start = start.state_dict()
+    tuned = {name: {k[len('backbone.net.'):]: v for k, v in
+                    torch.load(tmp_path / name / 'last.pt', weights_only=True)['model'].items()
+                    if k.startswith('backbone.net.')} for name in ('one', 'two')}
+    for key in ('conv_stem.weight', 'blocks.6.0.conv_pwl.weight', 'conv_head.weight'):
+        moved = (tuned['one'][key] - start[key]).abs().mean()
+        assert moved > 0, key
+        assert (tuned['two'][key] - tuned['one'][key]).abs().mean() < 0.1 * moved, key
+    assert torch.equal(tuned['two']['bn1.running_mean'], start['bn1.running_mean'])  # batch norm's statistics frozen
+    run_script('eval.py', f'--out_dir={tmp_path / "two"}', '--compile=False')
+    assert json.load(open(tmp_path / 'two' / 'results_test.json'))['n_images'] == 2
