@@ -29,8 +29,8 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   ours_float32: the same batched extraction in float32. naive: one image at a time through PIL
   and fp32.
 - finetune (not in the default stages): images/s through the CNN inside train.py's fine-tuning step
-  (train.finetune_step: EfficientNet-Lite0 with random weights, batch norm frozen, on random
-  224 crops already decoded; the GRU, the loss and Adam over everything), against the bare CNN's
+  (train.finetune_step: EfficientNet-Lite0 with random weights, batch norm frozen, train.py's
+  cnn_frozen_stages frozen in both, on random 224 crops already decoded; the GRU, the loss and Adam over everything), against the bare CNN's
   forward and backward on the same batches (interleaved blocks, as train's GRU); no naive.
 Prints one table and writes every figure to --out (JSON).
 """
@@ -245,9 +245,10 @@ def bench_finetune(s, dev, gen):
     batch, iters = s['batch_size'] if dev.type == 'cuda' else 16, train_iters or (s['iters'] if dev.type == 'cuda' else 6)
     _, tokens, lengths = synthetic_training_set({**s, 'train_images': batch * (iters + 2)}, dev, gen)
     model = JointEmbedding(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
-    fine_tuning.attach_backbone(model, 'efficientnet_lite0', None, dev, cfg.dtype)
+    fine_tuning.attach_backbone(model, 'efficientnet_lite0', None, dev, cfg.dtype, cfg.cnn_frozen_stages)
     optimizer = fine_tuning.make_optimizer(model, cfg.learning_rate, cfg.cnn_learning_rate)
     bare = fine_tuning.Backbone(fine_tuning.build_network('efficientnet_lite0', None, dev, cfg.dtype)[0], 'efficientnet_lite0')
+    fine_tuning.freeze_stages(bare, cfg.cnn_frozen_stages)   # the same stages train in both
     pixels = torch.randn(batch, 3, 224, 224, generator=gen)
     batches = [torch.randperm(len(tokens), generator=gen)[:batch] for _ in range(iters + 2)]
 

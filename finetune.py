@@ -4,6 +4,7 @@ weights) joins the model: the training images are decoded again at each step, au
 CNN trains at its own learning rate; eval.py then recomputes a split's features with it.
 
     Backbone                        the CNN as part of the model: batch norm frozen, features L2-normalized
+    cnn_stages, freeze_stages       the CNN's stages from the input on; its first ones kept as they are
     attach_backbone, make_optimizer the CNN attached to a JointEmbedding; Adam with the CNN's own rate
     TrainingImages                  a prepared split's image files, checked; from meta.json
     train_transform, augment_seeds  random crop and flip, drawn from a seed per caption and epoch
@@ -58,13 +59,45 @@ def build_network(cnn, weights, device, dtype):
     return net, dim
 
 
-def attach_backbone(model, cnn, weights, device, dtype='float32'):
+def cnn_stages(net, cnn):
+    """The network's stages from the input on, each a list of modules: EfficientNet-Lite0 its
+    stem, 7 block stages and head (9); VGG its 5 conv blocks, fc6 and fc7 (7); ResNet its stem
+    and 4 layers (5); any other network its top-level modules."""
+    if cnn == 'efficientnet_lite0':
+        return [[net.conv_stem, net.bn1], *[[block] for block in net.blocks], [net.conv_head, net.bn2]]
+    if cnn.startswith('vgg'):
+        stages, stage = [], []
+        for layer in net.features:
+            stage.append(layer)
+            if isinstance(layer, torch.nn.MaxPool2d):
+                stages, stage = stages + [stage], []
+        return stages + [[net.classifier[0]], [net.classifier[3]]]
+    if cnn.startswith('resnet'):
+        return [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+    return [[module] for module in net.children()]
+
+
+def freeze_stages(backbone, frozen_stages):
+    """The first `frozen_stages` stages keep their weights: they get no gradient, so autograd
+    stops before them, which saves their backward pass (the costliest, at the highest resolution)."""
+    stages = cnn_stages(backbone.net, backbone.cnn)
+    if frozen_stages >= len(stages):
+        raise UserError(f"--cnn_frozen_stages={frozen_stages}: {backbone.cnn} has {len(stages)} stages, so at most "
+                        f"{len(stages) - 1} can stay frozen for the rest to train")
+    for stage in stages[:frozen_stages]:
+        for module in stage:
+            module.requires_grad_(False)
+    return backbone
+
+
+def attach_backbone(model, cnn, weights, device, dtype='float32', frozen_stages=0):
     """model.backbone = the CNN (a submodule: the model's parameters, state_dict, gradient
-    averaging and clipping all include it). weights None: the architecture only."""
+    averaging and clipping all include it), its first `frozen_stages` stages frozen. weights
+    None: the architecture only."""
     net, dim = build_network(cnn, weights, device, dtype)
     if dim != model.image_fc.in_features:
         raise UserError(f"--finetune=True: {cnn} gives {dim}-d features, the model takes {model.image_fc.in_features}-d")
-    model.backbone = Backbone(net, cnn)
+    model.backbone = freeze_stages(Backbone(net, cnn), frozen_stages)
     return model
 
 

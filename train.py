@@ -63,6 +63,7 @@ device = 'auto'           # auto = cuda, then mps, then cpu
 dtype = 'auto'            # auto: bfloat16 autocast for the encoders on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere; or float32 | bfloat16
 finetune = False          # True: after warmup_epochs the image CNN trains too, from the images (finetune.py; a dataset prep.py extracted)
 cnn_learning_rate = 2e-4  # with finetune: Adam's rate for the CNN (VSE++'s), also x 0.1 from lr_decay_epoch
+cnn_frozen_stages = 4     # with finetune: the CNN's first stages keep their weights (Lite0: stem and 3 of 7 block stages); 0 = all train, as VSE++
 workers = min(4, os.cpu_count() or 1)  # with finetune: processes decoding and augmenting the training images
 compile = True            # order scores through torch.compile'd kernels (needs a C++ compiler on a CPU); False: plain PyTorch
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -92,6 +93,7 @@ OPTION_RULES = {
     'device': DEVICE,
     'dtype': one_of(*DTYPES),
     'cnn_learning_rate': non_negative('the CNN stays as it is'),
+    'cnn_frozen_stages': at_least(0),
     'workers': at_least(0),
 }
 # -----------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def setup_finetuning(model, config, data, dev, dtype):
     (model.backbone), the image files of train and val checked; returns the train images."""
     train_images = TrainingImages(config['data_dir'], 'train')
     data.val_images = TrainingImages(config['data_dir'], 'val')
-    attach_backbone(model, train_images.cnn, train_images.weights, dev, dtype)
+    attach_backbone(model, train_images.cnn, train_images.weights, dev, dtype, cnn_frozen_stages)
     config['cnn'] = train_images.cnn  # for eval.py, which rebuilds it from the checkpoint
     return train_images
 

@@ -1,6 +1,7 @@
 """train.py --finetune=True: the CNN trains after the warm-up (batch norm's statistics frozen),
 eval.py recomputes the split's features with it (checked against a recomputation written here),
-a run stopped while fine-tuning resumes bit for bit, and bad input is one line.
+a run stopped while fine-tuning resumes bit for bit, frozen stages stay as they were, and bad
+input is one line.
 
 A tiny CNN ('tiny', with a batch norm layer) stands in for the real ones, registered in features.py
 for the test's duration, so that prep.py extracts with it and train.py and eval.py rebuild it; the
@@ -17,15 +18,17 @@ import torchvision.transforms as T
 from PIL import Image
 
 import features
+import finetune
 from conftest import assert_user_error, image_dataset, run_here
 from test_reliability import assert_same_run
+from utils import UserError
 
 TINY_DIM = 32
 SPLITS = ['train'] * 16 + ['val'] * 4 + ['test'] * 8
 # 80 captions, batches of 8: 10 iterations an epoch; the CNN joins at iteration 10 (epoch 2 of 3)
 TRAIN = ['--finetune=True', '--warmup_epochs=1', '--epochs=3', '--batch_size=8', '--embed_dim=16', '--word_dim=8',
          '--log_interval=2', '--eval_interval=4', '--learning_rate=1e-2', '--cnn_learning_rate=1e-2', '--workers=0',
-         '--compile=False', '--dtype=float32']
+         '--compile=False', '--dtype=float32', '--cnn_frozen_stages=0']
 
 
 def tiny_net():
@@ -159,6 +162,32 @@ def test_a_run_stopped_while_fine_tuning_resumes_bit_for_bit(run, dataset, tmp_p
     proc = train(dataset, out, '--resume=True', '--workers=2')   # the crops do not depend on the workers
     assert proc.returncode == 0 and 'resuming from' in proc.stdout, proc
     assert_same_run(out, run)
+
+
+def test_frozen_stages_keep_their_weights_and_the_rest_trains(dataset, tmp_path):
+    """The tiny network's stages are its modules: freezing the first keeps the convolution as it
+    was, while batch norm's scale and shift after it still train."""
+    proc = train(dataset, tmp_path / 'out', '--cnn_frozen_stages=1', '--epochs=2')
+    assert proc.returncode == 0, proc
+    tuned = torch.load(tmp_path / 'out' / 'last.pt', weights_only=True)
+    start = tiny_net().state_dict()
+    assert torch.equal(tuned['model']['backbone.net.0.weight'], start['0.weight'])
+    assert torch.equal(tuned['model']['backbone.net.0.bias'], start['0.bias'])
+    assert not torch.allclose(tuned['model']['backbone.net.1.weight'], start['1.weight'])
+
+
+@pytest.mark.parametrize('cnn, count', [('efficientnet_lite0', 9), ('vgg16', 7), ('resnet152', 5)])
+def test_the_stages_of_each_cnn_hold_all_its_weights_in_order(cnn, count):
+    net, _ = finetune.build_network(cnn, None, torch.device('cpu'), 'float32')
+    stages = finetune.cnn_stages(net, cnn)
+    assert len(stages) == count
+    in_stages = [id(p) for stage in stages for module in stage for p in module.parameters()]
+    assert in_stages == [id(p) for p in net.parameters()]   # every weight once, from the input on
+    backbone = finetune.freeze_stages(finetune.Backbone(net, cnn), 2)
+    assert [p.requires_grad for p in net.parameters()] == [i >= 2 for i, stage in enumerate(stages)
+                                                           for module in stage for p in module.parameters()]
+    with pytest.raises(UserError, match=f'--cnn_frozen_stages={count}: {cnn} has {count} stages'):
+        finetune.freeze_stages(backbone, count)
 
 
 @pytest.mark.parametrize('case', ['features', 'missing_image'])
