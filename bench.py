@@ -6,10 +6,10 @@
 On synthetic data of the chosen scale, on the current device. For each stage: `ours` (what this
 repository's code does), `ceiling` (the part the stage cannot beat, measured in the same run),
 `ratio` (how close ours comes to it: 1.0 = at the ceiling), `naive` (the straightforward way).
-- train: captions/s of training steps through train.py's own train_step, against the caption
-  GRU trained alone on the same batches (forward, backward, its Adam step; interleaved blocks,
-  each path meeting half of the blocks' batches first, so both see the same load and the same
-  new shapes);
+- train: captions/s of training steps through train.py's own train_step (its default recipe,
+  word and image dropout included), against the caption GRU trained alone on the same batches
+  (forward, backward, its Adam step; interleaved blocks, each path meeting half of the blocks'
+  batches first, so both see the same load and the same new shapes);
   naive: captions one at a time through the GRU as the seed code did, batches collated in Python
   by a DataLoader, the full broadcast for order scores, Adam's per-parameter loop.
 - eval: seconds to score and rank every (image, caption) pair of a test set (COCO 5K: 5,000 x
@@ -133,7 +133,8 @@ def bench_train(s, dev, gen):
     cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
     cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], compile, pick_dtype(dtype, dev)
     cfg.grad_clip = cfg.grad_clip or float('inf')
-    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
+    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile,
+                           cfg.word_dropout, cfg.image_dropout).to(dev)   # as train.py builds it
     optimizer = train.make_optimizer(model, cfg.learning_rate)
     gru = GruAlone(s, model, tokens, lengths, cfg.dtype, dev)
     order = torch.randperm(len(tokens), generator=gen)
@@ -244,7 +245,8 @@ def bench_finetune(s, dev, gen):
     cfg.dtype, cfg.grad_clip = pick_dtype(dtype, dev), train.grad_clip or float('inf')
     batch, iters = s['batch_size'] if dev.type == 'cuda' else 16, train_iters or (s['iters'] if dev.type == 'cuda' else 6)
     _, tokens, lengths = synthetic_training_set({**s, 'train_images': batch * (iters + 2)}, dev, gen)
-    model = JointEmbedding(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile).to(dev)
+    model = JointEmbedding(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile, cfg.word_dropout,
+                           cfg.image_dropout).to(dev)
     fine_tuning.attach_backbone(model, 'efficientnet_lite0', None, dev, cfg.dtype, cfg.cnn_frozen_stages)
     optimizer = fine_tuning.make_optimizer(model, cfg.learning_rate, cfg.cnn_learning_rate)
     bare = fine_tuning.Backbone(fine_tuning.build_network('efficientnet_lite0', None, dev, cfg.dtype)[0], 'efficientnet_lite0')

@@ -1,6 +1,6 @@
 """The fast paths against the straightforward computation: kernels.py against model.py's
-plain order_scores (in float64), train.train_step against the plain step; bench.py end to end
-(tiny)."""
+plain order_scores (in float64), kernels.Dropout against nn.Dropout's definition,
+train.train_step against the plain step; bench.py end to end (tiny)."""
 import json
 import math
 import os
@@ -35,6 +35,35 @@ def assert_equals_the_plain_form(fast_order_scores, n_images, n_captions, dim):
     torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('p', [0.5, 0.2])
+def test_cpu_dropout_zeroes_with_probability_p_and_scales_the_rest_as_nn_dropout(p):
+    """kernels.Dropout's CPU mask: each element zeroed with probability p, independently (the 4
+    elements that share a 64-bit draw too), the rest scaled by 1 / (1 - p) as nn.Dropout does,
+    gradients through the same mask, repeatable from a seed; off in eval mode."""
+    x = torch.rand(1000, 1001) + 0.5   # an odd count: the last draw is only partly used
+    drop, reference = kernels.Dropout(p), torch.nn.Dropout(p)
+    torch.manual_seed(7)
+    out = drop(x.requires_grad_())
+    kept = out != 0
+    n = x.numel()
+    assert abs(1 - kept.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.manual_seed(7)
+    expected_scale = reference(torch.ones(10 ** 5)).max().item()   # 1 / (1 - p) as nn.Dropout computes it
+    torch.testing.assert_close(out[kept], x[kept] * expected_scale, rtol=1e-6, atol=0)
+    lanes = kept.flatten()[:n // 4 * 4].view(-1, 4).float()   # elements drawn from one 64-bit number
+    for a, b in ((0, 1), (0, 3), (1, 2), (2, 3)):
+        together = (lanes[:, a] * lanes[:, b]).mean().item()
+        assert abs(together - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / (n // 4))
+    weights = torch.randn(x.shape)
+    grad, = torch.autograd.grad((out * weights).sum(), x)
+    torch.testing.assert_close(grad, weights * kept * expected_scale, rtol=1e-6, atol=0)
+    torch.manual_seed(7)
+    assert torch.equal(drop(x.detach()), out.detach())
+    assert not torch.equal(drop(x.detach()), out.detach())   # the next draw differs
+    assert drop(x.bfloat16()).dtype == torch.bfloat16
+    assert drop.eval()(x) is x and kernels.Dropout(0.0)(x).equal(x)
 
 
 @pytest.mark.parametrize('n_images,n_captions,dim', [(128, 128, 1024), (7, 33, 5), (3, 300, 1024), (130, 2, 64)])
