@@ -164,6 +164,25 @@ def test_a_run_stopped_while_fine_tuning_resumes_bit_for_bit(run, dataset, tmp_p
     assert_same_run(out, run)
 
 
+def test_on_a_cpu_the_cnn_trains_in_passes_of_a_few_rows_with_the_same_features_and_gradients(monkeypatch):
+    x = torch.rand(40, 3, 64, 64)
+    results, calls = [], []
+    for rows in (1000, features.CPU_PASS_ROWS):   # one pass, then passes of 16
+        monkeypatch.setattr(features, 'CPU_PASS_ROWS', rows)
+        backbone = finetune.Backbone(tiny_net(), 'tiny')
+        hook = backbone.net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        out = backbone(x)
+        hook.remove()
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad((out * weights).sum(), list(backbone.parameters()))
+        results.append((out.detach(), grads))
+    assert calls == [40, 16, 16, 8]
+    (one_pass, one_pass_grads), (passes, passes_grads) = results
+    torch.testing.assert_close(passes, one_pass, rtol=1e-5, atol=1e-6)
+    for a, b in zip(passes_grads, one_pass_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_frozen_stages_keep_their_weights_and_the_rest_trains(dataset, tmp_path):
     """The tiny network's stages are its modules: freezing the first keeps the convolution as it
     was, while batch norm's scale and shift after it still train."""
