@@ -114,7 +114,8 @@ def test_torchrun_extraction_equals_one_process(tmp_path):
 def test_torchrun_fine_tunes_the_cnn_as_one_process_on_the_global_batch(tmp_path):
     """--finetune=True under torchrun: each rank decodes its share of the global batch, and the
     CNN's gradients are averaged with the rest, so the CNN moves as one process's does on the
-    whole batch (to float rounding, far below the size of the move itself)."""
+    whole batch (to float rounding, far below the size of the move itself); the frozen stages
+    stay as they were on every rank."""
     pytest.importorskip('timm')
     image_dataset(tmp_path, ['train'] * 8 + ['val'] * 2 + ['test'] * 2)
     data = tmp_path / 'data'
@@ -133,10 +134,13 @@ def test_torchrun_fine_tunes_the_cnn_as_one_process_on_the_global_batch(tmp_path
     tuned = {name: {k[len('backbone.net.'):]: v for k, v in
                     torch.load(tmp_path / name / 'last.pt', weights_only=True)['model'].items()
                     if k.startswith('backbone.net.')} for name in ('one', 'two')}
-    for key in ('conv_stem.weight', 'blocks.6.0.conv_pwl.weight', 'conv_head.weight'):
+    for key in ('blocks.3.0.conv_pw.weight', 'blocks.6.0.conv_pwl.weight', 'conv_head.weight'):
         moved = (tuned['one'][key] - start[key]).abs().mean()
         assert moved > 0, key
         assert (tuned['two'][key] - tuned['one'][key]).abs().mean() < 0.1 * moved, key
+    for name in ('one', 'two'):   # the default cnn_frozen_stages=4: the stem and block stages 0-2 as they were
+        assert torch.equal(tuned[name]['conv_stem.weight'], start['conv_stem.weight'])
+        assert torch.equal(tuned[name]['blocks.2.0.conv_pw.weight'], start['blocks.2.0.conv_pw.weight'])
     assert torch.equal(tuned['two']['bn1.running_mean'], start['bn1.running_mean'])  # batch norm's statistics frozen
     run_script('eval.py', f'--out_dir={tmp_path / "two"}', '--compile=False')
     assert json.load(open(tmp_path / 'two' / 'results_test.json'))['n_images'] == 2

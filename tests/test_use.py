@@ -20,11 +20,12 @@ SMALL = ['--embed_dim=64', '--word_dim=32', '--batch_size=64']
 @pytest.fixture(scope='module')
 def run(synthetic_dir, tmp_path_factory):
     """A small trained run, validated several times so that the curves have several points, and
-    trained enough (3 epochs: image->text R@10 near 95 on test) that a gallery of two queries
-    shows some ground truth whatever the processor's rounding."""
+    trained enough (3 epochs without image dropout: text->image R@10 near 95 on test, rsum ~440;
+    with the default's dropout ~290 after 3 epochs) that a gallery of two queries shows some
+    ground truth whatever the processor's rounding and the random draws."""
     out = tmp_path_factory.mktemp('use') / 'run'
     run_script('train.py', '--dataset=synthetic', f'--data_dir={synthetic_dir}', f'--out_dir={out}',
-               '--epochs=3', '--eval_interval=24', '--log_interval=5', *SMALL)
+               '--epochs=3', '--eval_interval=24', '--log_interval=5', '--image_dropout=0', *SMALL)
     return out
 
 
