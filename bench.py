@@ -30,7 +30,8 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   and fp32.
 - finetune (not in the default stages): images/s through the CNN inside train.py's fine-tuning step
   (train.finetune_step: EfficientNet-Lite0 with random weights, batch norm frozen, train.py's
-  cnn_frozen_stages frozen in both, on random 224 crops already decoded; the GRU, the loss and Adam over everything), against the bare CNN's
+  cnn_frozen_stages frozen in both, on random 224 crops already decoded; the GRU, the loss and
+  Adam over everything), against the bare CNN's
   forward and backward on the same batches (interleaved blocks, as train's GRU); no naive.
 Prints one table and writes every figure to --out (JSON).
 """

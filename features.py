@@ -10,6 +10,7 @@ stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtyp
       ImageFiles                               becomes a reason, not an exception
     decode_jpegs, tensor_crops               decode='torch': a batch's JPEGs -> normalized crops
     extract_features                         files -> (N, D) features (or (N, crops, D), keep_crops), batch by batch
+    in_cpu_passes                            a network on a CPU in passes of 16 rows (also fine-tuning's)
     setup_ranks, wait_for_all_ranks          torchrun: processes that share an extraction
     extract_dataset                          a dataset's features into one .npy file, resumable, sharded
 """
@@ -337,6 +338,14 @@ def tensor_crops(items, reasons, cnn, crops, device):
 CPU_PASS_ROWS = 16   # crops per forward pass on a CPU, whatever the batch of images
 
 
+def in_cpu_passes(network, x):
+    """network(x), on a CPU in passes of CPU_PASS_ROWS rows: ten crops of 16 images in one pass
+    ran at a quarter of the speed of 16 at a time, the activations outgrowing the caches and
+    coming fresh from the OS (docs/speed.md). For networks whose rows do not affect each other."""
+    rows = CPU_PASS_ROWS if x.device.type == 'cpu' else len(x)
+    return torch.cat([network(part) for part in x.split(rows)])
+
+
 def default_batch_size(device):
     """Images per forward pass when none is given: 256 on CUDA, 16 elsewhere."""
     return 256 if device.type == 'cuda' else 16
@@ -373,11 +382,8 @@ def batch_features(backbone, x, crops, device, dtype, keep_crops=False):
     and on CUDA."""
     if uses_channels_last(device, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
-    # On a CPU, ten crops of 16 images in one pass run at a quarter of the speed of 16 at a time:
-    # the activations outgrow the caches and come fresh from the OS (docs/speed.md).
-    chunk = len(x) if device.type == 'cuda' else CPU_PASS_ROWS
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-        f = torch.cat([backbone(part) for part in x.split(chunk)])
+        f = in_cpu_passes(backbone, x)
     f = f.float().reshape(len(x) // crops, crops, -1)
     f = (f if keep_crops else f.mean(1)).to('cpu', non_blocking=True)
     ready = torch.cuda.Event() if device.type == 'cuda' else None

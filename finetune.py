@@ -47,11 +47,8 @@ class Backbone(torch.nn.Module):
         return self
 
     def forward(self, x):
-        # On a CPU a training batch in one pass is slower than in passes of a few rows: the
-        # activations outgrow the caches and come fresh from the OS (docs/speed.md). With batch
-        # norm frozen an image's features do not depend on the others in its pass.
-        rows = features.CPU_PASS_ROWS if x.device.type == 'cpu' else len(x)
-        return F.normalize(torch.cat([self.net(part) for part in x.split(rows)]).float(), dim=1)
+        # Batch norm is frozen, so an image's features do not depend on the others in its pass.
+        return F.normalize(features.in_cpu_passes(self.net, x).float(), dim=1)
 
 
 def build_network(cnn, weights, device, dtype):

@@ -33,7 +33,7 @@ from model import JointEmbedding, contrastive_loss, score_matrix
 from options import (DEVICE, DTYPES, FOLDER, SEED, at_least, non_negative, one_of, parse_config, pick_device, pick_dtype,
                      probability, run_main)
 from utils import (FolderLock, UserError, atomic_open, encode_captions, encode_images, encode_text, file_advice,
-                   load_checkpoint, load_meta, load_split, load_vocab, retrieval_metrics)
+                   PAD, UNK, load_checkpoint, load_meta, load_split, read_json, retrieval_metrics)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # a prepared dataset in data/<dataset> (see prep.py)
@@ -188,6 +188,17 @@ def load_data(data_folder, dev):
     tokens, lengths = encode_captions(train_caps, vocab)
     return SimpleNamespace(vocab=vocab, feats=torch.from_numpy(train_feats).to(dev), tokens=tokens.to(dev),
                            lengths=lengths, val_feats=val_feats[:n_val], val_caps=val_caps[:5 * n_val])
+
+
+def load_vocab(data_dir):
+    """vocab.json: word -> id, with <pad> 0 and <unk> 1, ids 0 .. n-1."""
+    path = os.path.join(data_dir, 'vocab.json')
+    vocab = read_json(path, 'vocabulary')
+    if (not isinstance(vocab, dict) or vocab.get(PAD) != 0 or vocab.get(UNK) != 1
+            or sorted(vocab.values()) != list(range(len(vocab)))):
+        raise UserError(f"{path}: not a vocabulary prep.py writes (word -> id, <pad> 0, <unk> 1, ids 0 to n-1); "
+                        "run prep.py again with --force=True")
+    return vocab
 
 
 def epoch_order(n, epoch):

@@ -173,17 +173,6 @@ def load_meta(data_dir):
     return meta
 
 
-def load_vocab(data_dir):
-    """vocab.json: word -> id, with <pad> 0 and <unk> 1, ids 0 .. n-1."""
-    path = os.path.join(data_dir, 'vocab.json')
-    vocab = read_json(path, 'vocabulary')
-    if (not isinstance(vocab, dict) or vocab.get(PAD) != 0 or vocab.get(UNK) != 1
-            or sorted(vocab.values()) != list(range(len(vocab)))):
-        raise UserError(f"{path}: not a vocabulary prep.py writes (word -> id, <pad> 0, <unk> 1, ids 0 to n-1); "
-                        "run prep.py again with --force=True")
-    return vocab
-
-
 def load_split(data_dir, split, all_crops=False):
     """(features float32 (N, D), captions list of 5N token strings) of a prepared split. Of a
     dataset that kept each image's crops (meta.json kept_crops): with all_crops the (N, C, D)
