@@ -394,8 +394,8 @@ def load_run(folder, dev):
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
     if hasattr(model, 'backbone'):  # fine-tuned: the split's features through its CNN, not prep.py's
-        folder = find_images_dir(images_dir, data_folder, meta, files)
-        feats = image_features([os.path.join(folder, f) for f in files], meta, dev, model.backbone)
+        split_images = find_images_dir(images_dir, data_folder, meta, files)
+        feats = image_features([os.path.join(split_images, f) for f in files], meta, dev, model.backbone)
     return SimpleNamespace(folder=folder, model=model, ckpt=ckpt, ckpt_path=ckpt_path, data=data_folder, meta=meta,
                            feats=feats, captions=captions, files=files)
 

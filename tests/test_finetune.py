@@ -146,6 +146,16 @@ def test_the_cnn_trains_and_eval_uses_it(run, dataset):
     assert listed == [captions[j] for j in indices[0].tolist()], proc.stdout
 
 
+def test_an_ensemble_of_a_fine_tuned_run_is_its_evaluation_written_into_the_run(run):
+    """The members' features come from their own CNNs; the results still go into the first
+    run's folder (not into the folder of the images)."""
+    for option in (f'--out_dir={run}', f'--ensemble={run}'):
+        proc = run_here('eval', option, '--checkpoint=last.pt', '--split=val', '--compile=False')
+        assert proc.returncode == 0, proc
+    alone, together = (json.loads((run / f'results_val{tag}.json').read_text()) for tag in ('', '_ensemble'))
+    assert {k: together[k] for k in ('i2t', 't2i', 'rsum')} == {k: alone[k] for k in ('i2t', 't2i', 'rsum')}
+
+
 def test_bfloat16_fine_tuning(dataset, tmp_path):
     """bfloat16 autocast (channels_last on a CPU): the CNN trains and stays finite."""
     proc = train(dataset, tmp_path / 'out', '--dtype=bfloat16', '--epochs=2')
