@@ -4,6 +4,8 @@ tests hold each to the plain computation (tests/test_speed.py, tests/test_cuda.p
 
 - tiled_order_scores: plain PyTorch, tile by tile, with its own backward; never holds the
   (images x captions x dims) difference that the plain broadcast builds (and keeps for autograd).
+- order_backward_of_few: both paths' backward when the scores' gradient is sparse (the
+  hardest-negative loss), over the nonzero pairs only.
 - compiled_order_scores: the same through torch.compile, which fuses the broadcast into one
   loop (C++ on a CPU, Triton on a GPU); compiled once per shape, a failure is one clear error.
 - triton_order_scores: a hand-tiled Triton kernel with autotuned tile shapes, for ranking a
@@ -56,12 +58,30 @@ class TiledOrderScores(torch.autograd.Function):
         # dS[i,c]/d images[i] = 2 relu(c - i) and dS[i,c]/d captions[c] = -2 relu(c - i):
         # recompute each tile rather than keep it from the forward pass.
         images, captions = ctx.saved_tensors
+        if few_nonzero(grad):
+            return order_backward_of_few(grad, images, captions)
         grad_images, grad_captions = torch.zeros_like(images), torch.zeros_like(captions)
         for rows, cols, tile in order_tiles(images, captions):
             g = grad[rows, cols]
             grad_images[rows] += 2 * torch.bmm(g.unsqueeze(1), tile).squeeze(1)
             grad_captions[cols] -= 2 * (g.unsqueeze(-1) * tile).sum(0)
         return grad_images, grad_captions
+
+
+def few_nonzero(grad):
+    """True when a CPU gradient of the scores is sparse enough that visiting its nonzero pairs
+    beats the dense pass: the hardest-negative loss leaves at most 2 per row and column."""
+    return not grad.is_cuda and int(torch.count_nonzero(grad)) * 32 <= grad.numel()
+
+
+def order_backward_of_few(grad, images, captions):
+    """The order scores' backward over the nonzero entries of grad only, with the dense pass's
+    formula: each pair (i, c) adds 2 g relu(c - i) to images[i] and subtracts it from captions[c]."""
+    rows, cols = grad.nonzero(as_tuple=True)
+    weighted = 2 * grad[rows, cols, None] * (captions[cols] - images[rows]).clamp_(min=0)
+    grad_images = torch.zeros_like(images).index_add_(0, rows, weighted)
+    grad_captions = torch.zeros_like(captions).index_add_(0, cols, weighted, alpha=-1)
+    return grad_images, grad_captions
 
 
 def tiled_order_scores(images, captions):
@@ -116,6 +136,8 @@ class CompiledOrderScores(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         images, captions = ctx.saved_tensors
+        if few_nonzero(grad):
+            return order_backward_of_few(grad, images, captions)
         return run_compiled(order_backward, grad.contiguous(), images, captions)
 
 

@@ -14,17 +14,19 @@ import torch
 import kernels
 import train
 from conftest import ROOT, assert_user_error, caption_batch, naive_step, run_script
-from kernels import compiled_order_scores, score_matrix, tiled_order_scores
+from kernels import compiled_order_scores, order_backward_of_few, score_matrix, tiled_order_scores
 from model import JointEmbedding, order_scores, similarity
 from utils import UserError
 
 
-def assert_equals_the_plain_form(fast_order_scores, n_images, n_captions, dim):
+def assert_equals_the_plain_form(fast_order_scores, n_images, n_captions, dim, nonzero_weights=1.0):
     """fast_order_scores in float32, scores and gradients, against model.order_scores and its
-    autograd gradients in float64: equal to float32 rounding of sums of up to dim terms."""
+    autograd gradients in float64: equal to float32 rounding of sums of up to dim terms. The
+    gradient comes from weights on the scores, of which about a share nonzero_weights is nonzero."""
     g = torch.Generator().manual_seed(n_images * dim)
     images, captions = torch.rand(n_images, dim, generator=g), torch.rand(n_captions, dim, generator=g)
     weights = torch.randn(n_images, n_captions, generator=g)
+    weights *= torch.rand(n_images, n_captions, generator=g) < nonzero_weights
     results = []
     for fn, dtype in ((order_scores, torch.float64), (fast_order_scores, torch.float32)):
         i, c = images.to(dtype).requires_grad_(), captions.to(dtype).requires_grad_()
@@ -75,6 +77,44 @@ def test_tiled_order_scores_equal_the_plain_form_with_gradients(n_images, n_capt
 @pytest.mark.parametrize('n_images,n_captions,dim', [(32, 32, 48), (7, 19, 5)])
 def test_compiled_order_scores_equal_the_plain_form_with_gradients(n_images, n_captions, dim):
     assert_equals_the_plain_form(compiled_order_scores, n_images, n_captions, dim)
+
+
+@pytest.mark.parametrize('fast_order_scores', [tiled_order_scores, compiled_order_scores])
+@pytest.mark.parametrize('nonzero_weights', [0.0, 0.02])
+def test_a_sparse_gradient_takes_the_pairs_path_and_equals_the_plain_form(fast_order_scores, nonzero_weights,
+                                                                           monkeypatch):
+    """A gradient as sparse as the hardest-negative loss's goes through order_backward_of_few
+    (and none at all gives zeros), with the dense path's results."""
+    pairs_path = []
+    monkeypatch.setattr(kernels, 'order_backward_of_few',
+                        lambda *args: pairs_path.append(1) or order_backward_of_few(*args))
+    assert_equals_the_plain_form(fast_order_scores, 128, 96, 40, nonzero_weights)
+    assert pairs_path == [1]
+
+
+def test_hardest_negative_steps_use_the_pairs_path_and_equal_the_plain_step(monkeypatch):
+    """With max_violation the step's score gradient has at most 3 nonzeros per row (the
+    diagonal and the two hardest negatives): at a batch of 128, train_step takes the pairs path
+    and still follows the plain step."""
+    pairs_path = []
+    monkeypatch.setattr(kernels, 'order_backward_of_few',
+                        lambda *args: pairs_path.append(1) or order_backward_of_few(*args))
+    torch.manual_seed(0)
+    feats, tokens, lengths = caption_batch(32, 160)
+    cfg = SimpleNamespace(margin=0.05, max_violation=True, grad_clip=2.0, dtype='float32')
+    fast = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
+    plain = JointEmbedding(24, 30, 8, 32, 'order')
+    plain.load_state_dict(fast.state_dict())
+    fast_opt = train.make_optimizer(fast, 1e-2)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
+    for step in range(3):
+        idx = torch.randperm(160)[:128]
+        a, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert pairs_path == [1, 1, 1]
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_score_matrix_pads_blocks_and_matches_the_plain_form():
