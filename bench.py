@@ -29,7 +29,7 @@ repository's code does), `ceiling` (the part the stage cannot beat, measured in 
   ours_float32: the same batched extraction in float32. naive: one image at a time through PIL
   and fp32.
 - finetune (not in the default stages): images/s through the CNN inside train.py's fine-tuning step
-  (train.finetune_step: EfficientNet-Lite0 with random weights, batch norm frozen, train.py's
+  (train.train_step on pixels: EfficientNet-Lite0 with random weights, batch norm frozen, train.py's
   cnn_frozen_stages frozen in both, on random 224 crops already decoded; the GRU, the loss and
   Adam over everything), against the bare CNN's
   forward and backward on the same batches (interleaved blocks, as train's GRU); no naive.
@@ -47,13 +47,11 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import finetune as fine_tuning
 import prep
 import train
-from model import JointEmbedding, contrastive_loss, score_matrix
+from model import Backbone, ModelConfig, build_model, contrastive_loss, score_matrix
 from features import (DECODERS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, batch_features, build_backbone,
-                      default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops,
-                      uses_channels_last)
+                      default_batch_size, extract_features, read_for_torch, resolve_decode, resolve_dtype, tensor_crops)
 from model import order_scores as broadcast_order_scores   # the plain form: the naive baselines' order scores
 from options import (DEVICE, DTYPES, SEED, at_least, cpu_runs_bfloat16, one_of, parse_config, pick_device, pick_dtype,
                      run_main)
@@ -129,19 +127,20 @@ def synthetic_training_set(s, dev, gen):
     return feats.to(dev), tokens.to(dev), lengths
 
 
-def bench_train(s, dev, gen):
+def bench_train(opts, s, dev, gen):
     feats, tokens, lengths = synthetic_training_set(s, dev, gen)
-    cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
-    cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], compile, pick_dtype(dtype, dev)
-    cfg.grad_clip = cfg.grad_clip or float('inf')
-    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile,
-                           cfg.word_dropout, cfg.image_dropout).to(dev)   # as train.py builds it
+    cfg = train.make_config([])   # train.py's default recipe
+    cfg.batch_size, cfg.compile, cfg.dtype = s['batch_size'], opts.compile, pick_dtype(opts.dtype, dev)
+    model = build_model(ModelConfig(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure,
+                                    cfg.word_dropout, cfg.image_dropout), dev, compiled=opts.compile)
     optimizer = train.make_optimizer(model, cfg.learning_rate)
+    data = SimpleNamespace(feats=feats, tokens=tokens, lengths=lengths)
     gru = GruAlone(s, model, tokens, lengths, cfg.dtype, dev)
     order = torch.randperm(len(tokens), generator=gen)
     batches = [order[b:b + cfg.batch_size] for b in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
-    iters = min(train_iters or s['iters'], len(batches) - 3)
-    ours = lambda chunk: [train.train_step(model, optimizer, feats, tokens, lengths, idx, cfg) for idx in chunk]  # noqa: E731
+    iters = min(opts.train_iters or s['iters'], len(batches) - 3)
+    ours = lambda chunk: [train.train_step(model, optimizer, *train.get_batch(data, idx, None, 0, cfg.seed), cfg,  # noqa: E731
+                                           cfg.max_violation) for idx in chunk]
     for idx in batches[:3]:   # warm-up: compilation, allocator, first-touch
         ours([idx])
         gru.steps([gru.inputs(idx)])
@@ -182,7 +181,7 @@ class GruAlone:
     def __init__(self, s, model, tokens, lengths, dtype, dev):
         self.model, self.tokens, self.lengths, self.dtype, self.dev = model, tokens, lengths, dtype, dev
         self.gru = torch.nn.GRU(s['word_dim'], s['embed_dim'], batch_first=True).to(dev)
-        self.optimizer = train.make_optimizer(self.gru, 1e-4)
+        self.optimizer = torch.optim.Adam(self.gru.parameters(), lr=1e-4, fused=True)   # as train.make_optimizer's
 
     def inputs(self, idx):
         idx = idx[self.lengths[idx].argsort(descending=True)]   # sorted, as train_step packs them
@@ -217,7 +216,7 @@ def naive_train(s, cfg, feats, tokens, lengths, batches, dev):
 
     sampler = [int(i) for idx in batches for i in idx]
     loader = torch.utils.data.DataLoader(Captions(), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
-    model = JointEmbedding(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure).to(dev)
+    model = build_model(ModelConfig(s['feature_dim'], s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure), dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, foreach=False)
 
     def run():
@@ -240,28 +239,28 @@ def naive_step(model, optimizer, features, captions, cfg):
     return loss.detach()
 
 
-def bench_finetune(s, dev, gen):
-    """train.finetune_step against the same CNN's forward and backward alone (see the docstring)."""
-    cfg = SimpleNamespace(**{k: getattr(train, k) for k in train.CONFIG_KEYS})
-    cfg.dtype, cfg.grad_clip = pick_dtype(dtype, dev), train.grad_clip or float('inf')
-    batch, iters = s['batch_size'] if dev.type == 'cuda' else 16, train_iters or (s['iters'] if dev.type == 'cuda' else 6)
+def bench_finetune(opts, s, dev, gen):
+    """train.train_step on pixels against the same CNN's forward and backward alone (see the docstring)."""
+    cfg = train.make_config([])   # train.py's default recipe
+    cfg.dtype = pick_dtype(opts.dtype, dev)
+    batch, iters = s['batch_size'] if dev.type == 'cuda' else 16, opts.train_iters or (s['iters'] if dev.type == 'cuda' else 6)
     _, tokens, lengths = synthetic_training_set({**s, 'train_images': batch * (iters + 2)}, dev, gen)
-    model = JointEmbedding(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, compile, cfg.word_dropout,
-                           cfg.image_dropout).to(dev)
-    fine_tuning.attach_backbone(model, 'efficientnet_lite0', None, dev, cfg.dtype, cfg.cnn_frozen_stages)
-    optimizer = fine_tuning.make_optimizer(model, cfg.learning_rate, cfg.cnn_learning_rate)
-    bare = fine_tuning.Backbone(fine_tuning.build_network('efficientnet_lite0', None, dev, cfg.dtype)[0], 'efficientnet_lite0')
-    fine_tuning.freeze_stages(bare, cfg.cnn_frozen_stages)   # the same stages train in both
+    lite0 = dict(cnn='efficientnet_lite0', cnn_frozen_stages=cfg.cnn_frozen_stages)   # the same stages train in both
+    model = build_model(ModelConfig(1280, s['vocab'], s['word_dim'], s['embed_dim'], cfg.measure, cfg.word_dropout,
+                                    cfg.image_dropout, **lite0), dev, cfg.dtype, compiled=opts.compile)
+    optimizer = train.make_optimizer(model, cfg.learning_rate, 0.0, cfg.cnn_learning_rate)
+    bare = Backbone(ModelConfig(1280, s['vocab'], **lite0), None, dev, cfg.dtype)
+    data = SimpleNamespace(tokens=tokens, lengths=lengths)
     pixels = torch.randn(batch, 3, 224, 224, generator=gen)
     batches = [torch.randperm(len(tokens), generator=gen)[:batch] for _ in range(iters + 2)]
 
     def ours(idx):
-        train.finetune_step(model, optimizer, (pixels, idx // 5), tokens, lengths, idx, cfg)
+        batch = train.get_batch(data, idx, iter([(pixels, idx // 5)]), 0, cfg.seed)
+        train.train_step(model, optimizer, *batch, cfg, cfg.max_violation)
 
     def alone(idx):   # the CNN's part of a step: forward and backward into its weights
         bare.zero_grad(set_to_none=True)
-        x = pixels.to(dev).contiguous(memory_format=torch.channels_last if uses_channels_last(dev, cfg.dtype) else
-                                      torch.contiguous_format)
+        x = pixels.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
             f = bare(x)
         f.sum().backward()
@@ -326,7 +325,7 @@ def matmul_flops(dev):
     return 2 * n ** 3 / seconds
 
 
-def bench_eval(s, dev, gen):
+def bench_eval(opts, s, dev, gen):
     n, dim = s['test_images'], s['embed_dim']
     images = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1).abs().to(dev)
     captions = torch.nn.functional.normalize(torch.randn(5 * n, dim, generator=gen), dim=1).abs().to(dev)
@@ -335,15 +334,15 @@ def bench_eval(s, dev, gen):
     elements = n * 5 * n * dim
 
     def rank(measure):
-        i2t, t2i = retrieval_ranks(score_matrix(images, captions, measure, compile))
+        i2t, t2i = retrieval_ranks(score_matrix(images, captions, measure, opts.compile))
         return i2t, t2i
 
     # compile the kernel: on a CPU the one shape of its blocks; on CUDA Triton times its tile
     # shapes for this problem size at the first call
     if dev.type == 'cuda':
-        score_matrix(images, captions, 'order', compile)
+        score_matrix(images, captions, 'order', opts.compile)
     else:
-        score_matrix(images[:1024], captions[:512], 'order', compile)
+        score_matrix(images[:1024], captions[:512], 'order', opts.compile)
     base = memory_mark(dev)
     t_order = timed(lambda: rank('order'), dev)
     peak = memory_peak(dev)
@@ -400,16 +399,16 @@ def pil_to_tensor(image, crop):
     return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def bench_extract(s, dev, gen):
+def bench_extract(opts, s, dev, gen):
     """prep.py's extraction (features.extract_features with prep.py's batch size, workers and
     decoder, in this script's --dtype) on JPEG files drawn here, 224 crops, VGG16 with random
     weights (the rate does not depend on them), the features saved as .npy as prep.py does; and
     the same in float32."""
     # Enough images that the decoding workers' start-up weighs about what it weighs in prep.py:
     # Flickr8k's number on a GPU; on a CPU, 64 at a few seconds each batch (docs/speed.md)
-    count = extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 64)
+    count = opts.extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 64)
     batch = prep.batch_size or default_batch_size(dev)
-    decoder, net_dtype = resolve_decode(decode, dev), resolve_dtype(dtype, dev, 'vgg16')
+    decoder, net_dtype = resolve_decode(opts.decode, dev), resolve_dtype(opts.dtype, dev, 'vgg16')
     result = {'unit': 'images/s', 'images': count, 'image_size': list(s['image_size']), 'batch_size': batch,
               'workers': prep.workers, 'decoder': decoder, 'dtype': net_dtype, **cpu_bfloat16_support()}
     with tempfile.TemporaryDirectory() as folder:
@@ -541,21 +540,21 @@ def fc7_network(dev):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
-    chosen = stages.split(',')
-    s = {**DEFAULTS, **SCALES[scale]}
-    dev = pick_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    report = {'scale': scale, 'device': str(dev), 'device_name': device_name(dev), 'torch': torch.__version__,
-              'threads': torch.get_num_threads(), 'compile': compile,
+    opts = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES)
+    chosen = opts.stages.split(',')
+    s = {**DEFAULTS, **SCALES[opts.scale]}
+    dev = pick_device(opts.device)
+    gen = torch.Generator().manual_seed(opts.seed)
+    report = {'scale': opts.scale, 'device': str(dev), 'device_name': device_name(dev), 'torch': torch.__version__,
+              'threads': torch.get_num_threads(), 'compile': opts.compile,
               'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
     for stage in chosen:
         print(f"{stage} ...", flush=True)
         report[stage] = {'train': bench_train, 'eval': bench_eval, 'extract': bench_extract,
-                         'finetune': bench_finetune}[stage](s, dev, gen)
+                         'finetune': bench_finetune}[stage](opts, s, dev, gen)
     print_table(report, chosen)
-    write_json(out, report)
-    print(f"wrote {out}")
+    write_json(opts.out, report)
+    print(f"wrote {opts.out}")
 
 
 def device_name(dev):

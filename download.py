@@ -65,6 +65,10 @@ IMAGE_FOLDERS = {'flickr8k': ['Flicker8k_Dataset'], 'flickr30k': ['flickr30k-ima
 PARQUET_EXTRA = 'pip install -r requirements-parquet.txt'
 
 
+# What a user without the download can do instead: said with every failed download.
+OFFLINE = "offline: --dataset=synthetic, or your own dataset.json with --features=PATH.npy or --images_dir=FOLDER"
+
+
 def images_there(dataset, out_dir, images_dir=''):
     """Whether a dataset's images are in place: --images_dir if given, else the folders its zips make."""
     if images_dir:
@@ -195,9 +199,11 @@ def download(url, path, size=None, sha256=None):
             if e.code == 416 and have:  # the part is no prefix of what the server has: start over
                 os.remove(part)
                 return download(url, path, size, sha256)
-            raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later") from None
+            raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the address (--mirror) or try again later "
+                            f"({OFFLINE})") from None
         except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network or use --mirror=BASE_URL") from None
+            raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network or use --mirror=BASE_URL "
+                            f"({OFFLINE})") from None
         with response:
             if response.status != 206:
                 have = 0  # the server ignored the Range: it sends everything, from the start
@@ -208,7 +214,7 @@ def download(url, path, size=None, sha256=None):
             length = response.headers.get('Content-Length')
             total = have + int(length) if length else None
             with open(part, 'ab' if have else 'wb') as f, \
-                    tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name) as bar:
+                    tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=name, disable=None) as bar:
                 try:
                     for chunk in iter(lambda: response.read(1 << 20), b''):
                         f.write(chunk)
@@ -263,7 +269,7 @@ def extract_zip(zip_path, dest):
     try:
         with zipfile.ZipFile(zip_path) as zf:
             members = safe_members(zf, zip_path)
-            for info in tqdm(members, desc=f'unzip {os.path.basename(zip_path)}', unit='file'):
+            for info in tqdm(members, desc=f'unzip {os.path.basename(zip_path)}', unit='file', disable=None):
                 target = os.path.join(dest, *info.filename.replace('\\', '/').split('/'))
                 if info.is_dir():
                     os.makedirs(target, exist_ok=True)

@@ -15,7 +15,8 @@ split; text->image ranks each caption's image among all images. COCO's test spli
 reported as "1K" (mean over 5 folds of 1,000 images) as well as "5K" (all of it).
 Writes results_<split>.json (and embeddings_<split>.npz, ranks_<split>.json) into out_dir;
 --ensemble writes results_<split>_ensemble.json (ranks_<split>_ensemble.json) into its first run.
-In a notebook: load_model, encode_text, encode_images (from utils), search, image_features below.
+In a notebook: load_model (from model), encode_text, encode_images (from utils), search and
+image_features below (docs/evaluation.md).
 The pictures of --gallery are drawn by gallery.py.
 A checkpoint of train.py --finetune=True holds its CNN: the split's features (and --image's)
 are then computed from the images with it (center crop) instead of read from <split>_ims.npy.
@@ -27,11 +28,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from finetune import attach_backbone, split_features
+from finetune import split_features
 from gallery import draw_image_gallery, draw_text_gallery
-from model import JointEmbedding, score_matrix
-from options import DEVICE, at_least, one_of, parse_config, pick_device, run_main
-from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_checkpoint, load_meta, load_split,
+from model import load_model, score_matrix
+from options import DEVICE, at_least, at_most, one_of, parse_config, pick_device, run_main
+from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_meta, load_split,
                    mean_of_crops, read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
@@ -53,6 +54,7 @@ gallery_by = 'text'                # ... 'text': captions find images; 'image': 
 images_dir = ''                    # the folder the split's files are in; default: meta.json's images_dir, else the dataset json's folder
 compare = ''                       # run folders, comma-separated: print their results_<split>.json as one Markdown table
 ensemble = ''                      # run folders, comma-separated, trained on one dataset: score the split with the mean of their score matrices
+force = False                      # overwrite an existing --gallery file
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # What each option must be, checked before any work (options.check_options); --split is checked
 # against the splits the dataset has, --query/--image against each other in check_use_options.
@@ -60,32 +62,15 @@ OPTION_RULES = {
     'out_dir': (lambda v: v != '', 'a folder train.py wrote'),
     'checkpoint': (lambda v: v != '', 'a checkpoint file name in out_dir, like best.pt'),
     'device': DEVICE,
-    'k': at_least(1),
+    'k': at_most(100000, at_least(1)),
     'gallery': (lambda v: v == '' or v.lower().endswith('.png'), "'' or a file name ending in .png (the gallery is a PNG)"),
-    'gallery_queries': at_least(1),
+    'gallery_queries': at_most(100, at_least(1)),
     'gallery_by': one_of('text', 'image'),
     'images_dir': (lambda v: v == '' or os.path.isdir(v), "'' or an existing folder"),
     'ensemble': (lambda v: v == '' or (any(v.split(',')) and all(os.path.isdir(r) for r in v.split(',') if r)),
                  "'' or run folders, comma-separated, each an existing folder"),
 }
 # -----------------------------------------------------------------------------
-
-
-def load_model(path, dev):
-    """A checkpoint written by train.py -> (model in eval mode, checkpoint dict)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such checkpoint; train first (python train.py) or pass --out_dir=FOLDER of a run")
-    ckpt = load_checkpoint(path, dev)  # weights_only: a torn, foreign or malicious file is refused, never run
-    try:
-        config = ckpt['config']
-        model = JointEmbedding(ckpt['feature_dim'], len(ckpt['vocab']), config['word_dim'], config['embed_dim'],
-                               config['measure'])
-        if config.get('finetune'):  # a fine-tuned CNN: its architecture here, its weights in the checkpoint
-            attach_backbone(model, config['cnn'], None, dev)
-        model.load_state_dict(ckpt['model'])
-    except Exception as e:  # e.g. a config that does not match the weights' shapes
-        raise UserError(f"{path}: its config does not fit its weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return model.to(dev).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------- using the model
@@ -108,14 +93,14 @@ def search(model, images, captions, k=10, by='text'):
     return top_k(scores.t() if by == 'text' else scores, k)
 
 
-def image_features(paths, meta, dev, backbone=None):
-    """New image files -> features computed as prep.py computed the dataset's (same CNN, crops,
-    weights, decoder and dtype), rows L2-normalized; of a dataset that kept its crops, the mean
-    of the normalized crops, as load_split scores its images. Only for datasets whose features
-    prep.py extracted itself. backbone: a fine-tuned CNN (model.backbone), which replaces the
-    dataset's (center crop)."""
-    if backbone is not None:
-        return split_features(backbone, paths, dev, meta.get('decode', 'pil'), meta.get('dtype', 'float32'))
+def image_features(paths, meta, dev, model=None):
+    """Image files -> the features `model` takes, computed as prep.py computed the dataset's (same
+    CNN, crops, weights, decoder and dtype), rows L2-normalized; of a dataset that kept its crops,
+    the mean of the normalized crops, as load_split scores its images. Only for datasets whose
+    features prep.py extracted itself. A model with a CNN of its own (fine-tuned) computes them
+    with it instead (center crop)."""
+    if model is not None and model.backbone is not None:
+        return split_features(model.backbone, paths, dev, meta.get('decode', 'pil'), meta.get('dtype', 'float32'))
     if 'cnn' not in meta:
         raise UserError(f"{meta.get('source', 'dataset')}: these features were not extracted from images by prep.py "
                         f"({meta['dataset']}), so a new image cannot be put beside them; --image needs a dataset "
@@ -159,48 +144,65 @@ def truth_rank(scores, truth):
     return int((scores >= best).sum()) - sum(int(scores[t] >= best) for t in truth)
 
 
-def use_model(model, ckpt, data_folder, meta, feats, captions, files, dev):
+def use_model(run, cfg, dev):
     """--query, --image, --gallery: print each query's top-k, and draw them if asked."""
-    check_use_options()
-    by = 'text' if query else 'image' if image else gallery_by
+    model, feats, captions, files, k = run.model, run.feats, run.captions, run.files, cfg.k
+    by = 'text' if cfg.query else 'image' if cfg.image else cfg.gallery_by
     # Check the pictures before the work, so that a missing folder costs nothing.
-    folder = find_images_dir(images_dir, data_folder, meta, files) if gallery and not image else None
+    folder = find_images_dir(cfg.images_dir, run.data, run.meta, files) if cfg.gallery and not cfg.image else None
     if by == 'text':
-        results, scores = text_queries(model, ckpt['vocab'], feats, captions)
+        results, scores = text_queries(model, run.ckpt['vocab'], feats, captions, cfg.query, cfg.gallery_queries)
         what = f"{len(feats)} images"
     else:
-        results, scores, query_paths = image_queries(model, ckpt['vocab'], feats, captions, files, folder,
-                                                     data_folder, meta, dev)
+        results, scores, query_paths = image_queries(run, cfg, folder, dev)
         what = f"{len(captions)} captions"
     top_scores, top_indices = top_k(scores, k)
     for r, s, i in zip(results, top_scores.tolist(), top_indices.tolist()):
         r.update(scores=s, indices=i, texts=[captions[j] for j in i] if by == 'image' else [files[j] for j in i])
-    title = f"{meta['dataset']} {split} ({what}), {model.measure} measure, {ckpt['config'].get('out_dir', '')}"
+    title = f"{run.meta['dataset']} {cfg.split} ({what}), {model.measure} measure, {run.ckpt['config'].get('out_dir', '')}"
     print(f"{title}: top {k} (higher score = better; * = ground truth)")
     for r in results:
         print(f"\nquery: {r['query']!r} {r['note']}".rstrip())
         for rank, (score, index, text) in enumerate(zip(r['scores'], r['indices'], r['texts'])):
             print(f"{rank + 1:4d} {'*' if index in r['truth'] else ' '} {score:10.4f}  {text}")
-    if gallery:
+    if cfg.gallery:
         if by == 'text':
-            draw_text_gallery(results, [os.path.join(folder, f) for f in files], title, gallery)
+            draw_text_gallery(results, [os.path.join(folder, f) for f in files], title, cfg.gallery)
         else:
-            draw_image_gallery(results, query_paths, title, gallery)
-        print(f"\nwrote {gallery}")
+            draw_image_gallery(results, query_paths, title, cfg.gallery)
+        print(f"\nwrote {cfg.gallery}")
     return results
 
 
-def check_use_options():
-    if query and image:
+def check_use_options(cfg):
+    """--query, --image, --gallery, before any work."""
+    if cfg.query and cfg.image:
         raise UserError("--query and --image: give one of the two")
-    if save_ranks or save_embeddings:
+    if cfg.save_ranks or cfg.save_embeddings:
         raise UserError("--save_ranks and --save_embeddings belong to the evaluation; run them without --query/--image/--gallery")
-    if image and not os.path.isfile(image):
-        raise UserError(f"{image}: no such image file")
+    if cfg.query and not tokenize(cfg.query):
+        raise UserError(f"--query={cfg.query[:60]!r}: no words in it (letters and digits are what counts); "
+                        "give a sentence, like --query='a dog runs through the snow'")
+    if cfg.image:
+        check_image_option(cfg.image)
+    if cfg.gallery and os.path.exists(cfg.gallery) and not cfg.force:
+        raise UserError(f"--gallery={cfg.gallery}: the file exists; pass --force=True to overwrite it, or choose "
+                        "another file name")
+    if cfg.gallery and os.path.isdir(cfg.gallery):
+        raise UserError(f"--gallery={cfg.gallery}: a folder; give a file name ending in .png")
 
 
-def text_queries(model, vocab, feats, captions):
-    """--query, or --gallery_queries captions of the split: (results, scores (queries, images))."""
+def check_image_option(path):
+    if '://' in path:
+        raise UserError(f"--image={path}: a URL; download the image first and give its file")
+    if os.path.isdir(path):
+        raise UserError(f"--image={path}: a folder; give one image file")
+    if not os.path.isfile(path):
+        raise UserError(f"--image={path}: no such image file; check the path")
+
+
+def text_queries(model, vocab, feats, captions, query='', gallery_queries=4):
+    """--query, or gallery_queries captions of the split: (results, scores (queries, images))."""
     if query:
         texts, truths = [query], [set()]
         unknown = sorted({w for w in tokenize(query) if w not in vocab})
@@ -216,20 +218,21 @@ def text_queries(model, vocab, feats, captions):
     return results, scores
 
 
-def image_queries(model, vocab, feats, captions, files, folder, data_folder, meta, dev):
+def image_queries(run, cfg, folder, dev):
     """--image, or --gallery_queries images of the split: (results, scores (queries, captions), paths)."""
-    caps = encode_text(model, vocab, captions, tokenized=True)
-    if image:
-        query_paths = [image]
+    model, feats, files = run.model, run.feats, run.files
+    caps = encode_text(model, run.ckpt['vocab'], run.captions, tokenized=True)
+    if cfg.image:
+        query_paths = [cfg.image]
         try:  # an image of the split has ground-truth captions; a new one has none
-            folder = find_images_dir(images_dir, data_folder, meta, files)
+            folder = find_images_dir(cfg.images_dir, run.data, run.meta, files)
         except UserError:
             folder = None
-        mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), image)]
+        mine = [i for i, f in enumerate(files) if folder and os.path.samefile(os.path.join(folder, f), cfg.image)]
         truths = [set(range(5 * mine[0], 5 * mine[0] + 5)) if mine else set()]
-        images = encode_images(model, image_features(query_paths, meta, dev, getattr(model, 'backbone', None)))
+        images = encode_images(model, image_features(query_paths, run.meta, dev, model))
     else:
-        picks = np.linspace(0, len(feats) - 1, gallery_queries).round().astype(int)
+        picks = np.linspace(0, len(feats) - 1, cfg.gallery_queries).round().astype(int)
         query_paths = [os.path.join(folder, files[i]) for i in picks]
         truths = [set(range(5 * i, 5 * i + 5)) for i in picks]
         images = encode_images(model, feats[picks])
@@ -354,70 +357,74 @@ def print_table(title, result):
 
 
 def main(argv):
-    globals().update(parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv, OPTION_RULES))
-    if ensemble:
-        check_ensemble_options()
-    if compare:
-        compare_runs([r for r in compare.split(',') if r], split)
+    cfg = parse_config({name: globals()[name] for name in CONFIG_KEYS}, argv, OPTION_RULES)
+    runs = [r for r in (cfg.ensemble or cfg.compare).split(',') if r]
+    if cfg.compare:
+        if cfg.ensemble:
+            raise UserError("--compare and --ensemble: give one of the two")
+        compare_runs(runs, cfg.split)
         return
-    dev = pick_device(device)
-    if ensemble:
-        evaluate_ensemble([r for r in ensemble.split(',') if r], dev)
+    if cfg.ensemble:
+        check_ensemble_options(cfg)
+    elif cfg.query or cfg.image or cfg.gallery:
+        check_use_options(cfg)
+    dev = pick_device(cfg.device)
+    if cfg.ensemble:
+        evaluate_ensemble(runs, cfg, dev)
         return
-    run = load_run(out_dir, dev)
+    run = load_run(cfg.out_dir, cfg, dev)
     with torch.no_grad():
-        if query or image or gallery:
-            use_model(run.model, run.ckpt, run.data, run.meta, run.feats, run.captions, run.files, dev)
+        if cfg.query or cfg.image or cfg.gallery:
+            use_model(run, cfg, dev)
             return
-        coco_folds = is_coco_test(run.meta, run.feats)
+        coco_folds = is_coco_test(run.meta, run.feats, cfg.split)
         result, images, caps, scores = evaluate(run.model, run.feats, run.captions, run.ckpt['vocab'], folds=coco_folds)
     result.update(n_images=len(run.feats), n_captions=len(run.captions), measure=run.model.measure,
-                  checkpoint=run.ckpt_path, data_dir=run.data, split=split)
-    report(result, run.meta, coco_folds)
-    write_outputs(result, images, caps, scores, run.files, run.captions)
+                  checkpoint=run.ckpt_path, data_dir=run.data, split=cfg.split)
+    report(result, run.meta, coco_folds, cfg.split)
+    write_outputs(result, images, caps, scores, run.files, run.captions, cfg, cfg.out_dir)
 
 
-def load_run(folder, dev):
+def load_run(folder, cfg, dev):
     """A run folder's --checkpoint and the --split it is evaluated on: model, ckpt, ckpt_path,
-    data (the prepared folder), meta, feats, captions, files."""
-    ckpt_path = os.path.join(folder, checkpoint)
-    model, ckpt = load_model(ckpt_path, dev)
-    model.compiled = compile
-    data_folder = data_dir or trained_data_dir(ckpt, folder)
+    data (the prepared folder), meta, feats (what the model takes for each image), captions, files."""
+    ckpt_path = os.path.join(folder, cfg.checkpoint)
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path}: no such checkpoint; train first (python train.py) or pass --out_dir=FOLDER of a run")
+    model, ckpt = load_model(ckpt_path, dev, compiled=cfg.compile)
+    data_folder = cfg.data_dir or trained_data_dir(ckpt, folder)
     meta = load_meta(data_folder)
-    feats, captions = load_split(data_folder, split)
+    feats, captions = load_split(data_folder, cfg.split)
     if feats.shape[1] != ckpt['feature_dim']:
         raise UserError(f"{data_folder}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
                         f"{ckpt['feature_dim']}-d ones; evaluate on the dataset it was trained on (--data_dir)")
-    files_path = os.path.join(data_folder, f"{split}_files.txt")
+    files_path = os.path.join(data_folder, f"{cfg.split}_files.txt")
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []
     if len(files) != len(feats):
         raise UserError(f"{files_path}: {len(files)} file names for {len(feats)} images; run prep.py again with --force=True")
-    if hasattr(model, 'backbone'):  # fine-tuned: the split's features through its CNN, not prep.py's
-        split_images = find_images_dir(images_dir, data_folder, meta, files)
-        feats = image_features([os.path.join(split_images, f) for f in files], meta, dev, model.backbone)
+    if model.backbone is not None:  # a fine-tuned CNN of its own: the split's images through it, not prep.py's features
+        split_images = find_images_dir(cfg.images_dir, data_folder, meta, files)
+        feats = image_features([os.path.join(split_images, f) for f in files], meta, dev, model)
     return SimpleNamespace(folder=folder, model=model, ckpt=ckpt, ckpt_path=ckpt_path, data=data_folder, meta=meta,
                            feats=feats, captions=captions, files=files)
 
 
-def is_coco_test(meta, feats):
+def is_coco_test(meta, feats, split):
     return meta['dataset'] == 'coco' and split == 'test' and len(feats) == 5000
 
 
 # ----------------------------------------------------------------------------- ensembles
 
-def check_ensemble_options():
-    if compare:
-        raise UserError("--compare and --ensemble: give one of the two")
-    if query or image or gallery:
+def check_ensemble_options(cfg):
+    if cfg.query or cfg.image or cfg.gallery:
         raise UserError("--ensemble scores a split; --query, --image and --gallery search with one run "
                         "(--out_dir=RUN): give them without --ensemble")
-    if save_embeddings:
+    if cfg.save_embeddings:
         raise UserError("--save_embeddings: an ensemble has no one set of embeddings (each run has its own); "
                         "save them run by run with --out_dir=RUN")
 
 
-def evaluate_ensemble(folders, dev):
+def evaluate_ensemble(folders, cfg, dev):
     """--ensemble: the split scored with the mean of the runs' score matrices, each computed as a
     single run's evaluation computes it; the results go into the first run's folder. All the
     runs are loaded and checked against the first before any scoring."""
@@ -426,24 +433,24 @@ def evaluate_ensemble(folders, dev):
         if os.path.realpath(folder) in seen:
             raise UserError(f"--ensemble: {folder} is listed twice; list each run once")
         seen.add(os.path.realpath(folder))
-    runs = [load_run(folder, dev) for folder in folders]
+    runs = [load_run(folder, cfg, dev) for folder in folders]
     for run in runs[1:]:
-        check_same_data(runs[0], run)
+        check_same_data(runs[0], run, cfg.split)
     first, total = runs[0], None
     with torch.no_grad():
         for run in runs:
             scores = embed_and_score(run.model, run.feats, run.captions, run.ckpt['vocab'])[2]
             total = scores if total is None else total + scores
         scores = total / len(runs)
-        coco_folds = is_coco_test(first.meta, first.feats)
+        coco_folds = is_coco_test(first.meta, first.feats, cfg.split)
         result = split_metrics(scores, folds=coco_folds)
     result.update(n_images=len(first.feats), n_captions=len(first.captions), measure=first.model.measure,
-                  checkpoint=[run.ckpt_path for run in runs], ensemble=folders, data_dir=first.data, split=split)
-    report(result, first.meta, coco_folds)
-    write_outputs(result, None, None, scores, first.files, first.captions, folder=first.folder, tag='_ensemble')
+                  checkpoint=[run.ckpt_path for run in runs], ensemble=folders, data_dir=first.data, split=cfg.split)
+    report(result, first.meta, coco_folds, cfg.split)
+    write_outputs(result, None, None, scores, first.files, first.captions, cfg, first.folder, tag='_ensemble')
 
 
-def check_same_data(first, run):
+def check_same_data(first, run, split):
     """A member of an ensemble must score the split as the first does: the same dataset, feature
     size, vocabulary, measure, and the same images and captions of the split."""
     pair = f"--ensemble: {run.folder} and {first.folder}"
@@ -466,7 +473,7 @@ def check_same_data(first, run):
                         "of order and cosine scores is no score: list runs of one measure")
 
 
-def report(result, meta, coco_folds):
+def report(result, meta, coco_folds, split):
     name = f"{meta['dataset']} {split}: {result['n_images']} images, {result['n_captions']} captions, {result['measure']} measure"
     if 'ensemble' in result:
         runs = len(result['ensemble'])
@@ -479,18 +486,18 @@ def report(result, meta, coco_folds):
         print_table(name, result)
 
 
-def write_outputs(result, images, caps, scores, files, captions, folder=None, tag=''):
+def write_outputs(result, images, caps, scores, files, captions, cfg, folder, tag=''):
     """results_<split><tag>.json, and with --save_embeddings / --save_ranks the vectors and the
-    ranks, into folder (default: out_dir)."""
-    folder = folder or out_dir
+    ranks, into the run's folder."""
+    split = cfg.split
     results_path = os.path.join(folder, f"results_{split}{tag}.json")
     write_json(results_path, result)
-    if save_embeddings:
+    if cfg.save_embeddings:
         emb_path = os.path.join(folder, f"embeddings_{split}{tag}.npz")
         with atomic_open(emb_path) as f:
             np.savez(f, images=images.cpu().numpy().astype(np.float32), captions=caps.cpu().numpy().astype(np.float32))
         print(f"wrote {emb_path}")
-    if save_ranks:
+    if cfg.save_ranks:
         ranks_path = os.path.join(folder, f"ranks_{split}{tag}.json")
         write_ranks(ranks_path, scores, files, captions)
         print(f"wrote {ranks_path}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from options import pick_dtype
-from utils import UserError, read_json, write_json
+from utils import UserError, load_tensors, read_json, write_json
 
 CNN_DIMS = {'vgg16': 4096, 'vgg19': 4096, 'resnet152': 2048, 'efficientnet_lite0': 1280}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -66,10 +66,8 @@ def efficientnet_lite0(weights):
 
 
 def load_state_dict(path):
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a missing, torn or foreign file: never executed, only refused
-        raise UserError(f"{path}: not a readable state_dict ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    state = load_tensors(path, 'cpu', 'state_dict', "save the network's weights alone: "
+                         "torch.save(model.state_dict(), PATH)", "check the file, or download the weights again")
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -422,25 +420,26 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
     decode, dtype = resolve_decode(decode, device), resolve_dtype(dtype, device, cnn)
     check_cnn(cnn, crops)
     loader = image_loader(paths[start:], cnn, crops, device, batch_size, workers, decode)
-    bar = tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=not progress)
-    row, pending = start, None
-    for batch in loader:
-        x, reasons = batch_crops(batch, cnn, crops, device, decode)
-        # The features come back one batch late: on CUDA the next batch is read and decoded
-        # while the network still runs this one.
-        f, ready = batch_features(backbone, x, crops, device, dtype, keep_crops)
+    # disable=None: a bar on a terminal only (a job log gets no bar lines); closed before any error
+    with tqdm(total=n, initial=start, unit='img', desc=f'{cnn} features', disable=None if progress else True) as bar:
+        row, pending = start, None
+        for batch in loader:
+            x, reasons = batch_crops(batch, cnn, crops, device, decode)
+            # The features come back one batch late: on CUDA the next batch is read and decoded
+            # while the network still runs this one.
+            f, ready = batch_features(backbone, x, crops, device, dtype, keep_crops)
+            if pending is not None:
+                out = finish_batch(out, n, pending, bar, on_batch)
+            pending = (row, f, reasons, ready)
+            for k, reason in enumerate(reasons):
+                if reason:
+                    if bad is None:
+                        raise UserError(f"{paths[row + k]}: cannot read the image ({reason}); replace it with a "
+                                        "readable image file (JPEG, PNG, ...)")
+                    bad.append((row + k, str(paths[row + k]), reason))
+            row += len(reasons)
         if pending is not None:
             out = finish_batch(out, n, pending, bar, on_batch)
-        pending = (row, f, reasons, ready)
-        for k, reason in enumerate(reasons):
-            if reason:
-                if bad is None:
-                    raise UserError(f"{paths[row + k]}: cannot read the image ({reason})")
-                bad.append((row + k, str(paths[row + k]), reason))
-        row += len(reasons)
-    if pending is not None:
-        out = finish_batch(out, n, pending, bar, on_batch)
-    bar.close()
     return np.zeros(feature_shape(n, cnn, crops, keep_crops), dtype=np.float32) if out is None else out
 
 

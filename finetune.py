@@ -1,115 +1,22 @@
-"""Fine-tuning the image CNN end to end (train.py --finetune=True, as VSE++ does): the image side.
-After warmup_epochs on the prepared features, the CNN that made them (meta.json's cnn and
-weights) joins the model: the training images are decoded again at each step, augmented, and the
-CNN trains at its own learning rate; eval.py then recomputes a split's features with it.
+"""Fine-tuning's images (train.py --finetune=True, as VSE++ does). The CNN that made a dataset's
+features (meta.json's cnn and weights) is part of the model (model.Backbone); after
+warmup_epochs the training images are decoded again at each step, augmented, and go through it;
+eval.py then recomputes a split's features with it.
 
-    Backbone                        the CNN as part of the model: batch norm frozen, features L2-normalized
-    cnn_stages, freeze_stages       the CNN's stages from the input on; its first ones kept as they are
-    attach_backbone, make_optimizer the CNN attached to a JointEmbedding; Adam with the CNN's own rate
     TrainingImages                  a prepared split's image files, checked; from meta.json
     train_transform, augment_seeds  random crop and flip, drawn from a seed per caption and epoch
     AugmentedImages, epoch_batches  DataLoader workers decoding one epoch's batches, from any iteration on
     split_features                  a split's (or any files') features through the fine-tuned CNN, center crop
 """
-import contextlib
-import io
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import features
 from utils import UserError, load_meta
 
 AUGMENT_SEED_OFFSET = 2 ** 50   # keeps the augmentation generators apart from train.epoch_order's
-
-
-# ----------------------------------------------------------------------------- the CNN in the model
-
-class Backbone(torch.nn.Module):
-    """A features.build_backbone network, trained as part of the model. Batch norm stays in eval
-    mode, as in VSE++: its running statistics are ImageNet's and stay frozen (a training batch's
-    statistics would replace them with those of one batch of captions' images); its scale and
-    shift still train. Dropout inside the network is on in training, as when it was trained.
-    The output is L2-normalized, as prep.py writes the features the warm-up trained on."""
-
-    def __init__(self, net, cnn):
-        super().__init__()
-        self.net, self.cnn = net, cnn
-        self.train()
-
-    def train(self, mode=True):
-        super().train(mode)
-        for m in self.net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-    def forward(self, x):
-        # Batch norm is frozen, so an image's features do not depend on the others in its pass.
-        return F.normalize(features.in_cpu_passes(self.net, x).float(), dim=1)
-
-
-def build_network(cnn, weights, device, dtype):
-    """features.build_backbone, leaving the global RNG alone (a 'random' network seeds it).
-    weights None: the architecture only, quietly, for a checkpoint's weights to replace."""
-    quiet = contextlib.redirect_stdout(io.StringIO()) if weights is None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=[]), quiet:
-        net, dim = features.build_backbone(cnn, 'random' if weights is None else weights, device, dtype)
-    return net, dim
-
-
-def cnn_stages(net, cnn):
-    """The network's stages from the input on, each a list of modules: EfficientNet-Lite0 its
-    stem, 7 block stages and head (9); VGG its 5 conv blocks, fc6 and fc7 (7); ResNet its stem
-    and 4 layers (5); any other network its top-level modules."""
-    if cnn == 'efficientnet_lite0':
-        return [[net.conv_stem, net.bn1], *[[block] for block in net.blocks], [net.conv_head, net.bn2]]
-    if cnn.startswith('vgg'):
-        stages, stage = [], []
-        for layer in net.features:
-            stage.append(layer)
-            if isinstance(layer, torch.nn.MaxPool2d):
-                stages, stage = stages + [stage], []
-        return stages + [[net.classifier[0]], [net.classifier[3]]]
-    if cnn.startswith('resnet'):
-        return [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
-    return [[module] for module in net.children()]
-
-
-def freeze_stages(backbone, frozen_stages):
-    """The first `frozen_stages` stages keep their weights: they get no gradient, so autograd
-    stops before them, which saves their backward pass (the costliest, at the highest resolution)."""
-    stages = cnn_stages(backbone.net, backbone.cnn)
-    if frozen_stages >= len(stages):
-        raise UserError(f"--cnn_frozen_stages={frozen_stages}: {backbone.cnn} has {len(stages)} stages, so at most "
-                        f"{len(stages) - 1} can stay frozen for the rest to train")
-    for stage in stages[:frozen_stages]:
-        for module in stage:
-            module.requires_grad_(False)
-    return backbone
-
-
-def attach_backbone(model, cnn, weights, device, dtype='float32', frozen_stages=0):
-    """model.backbone = the CNN (a submodule: the model's parameters, state_dict, gradient
-    averaging and clipping all include it), its first `frozen_stages` stages frozen. weights
-    None: the architecture only."""
-    net, dim = build_network(cnn, weights, device, dtype)
-    if dim != model.image_fc.in_features:
-        raise UserError(f"--finetune=True: {cnn} gives {dim}-d features, the model takes {model.image_fc.in_features}-d")
-    model.backbone = freeze_stages(Backbone(net, cnn), frozen_stages)
-    return model
-
-
-def make_optimizer(model, lr, cnn_lr, weight_decay=0.0):
-    """Adam as train.make_optimizer (decoupled weight decay), in two groups: the encoders at lr, the CNN at cnn_lr
-    (the group named 'backbone'). The CNN's parameters have no gradient until it joins, and
-    Adam leaves them alone until then."""
-    cnn = {id(p) for p in model.backbone.parameters()}
-    groups = [{'params': [p for p in model.parameters() if id(p) not in cnn], 'lr': lr, 'name': 'encoders'},
-              {'params': list(model.backbone.parameters()), 'lr': cnn_lr, 'name': 'backbone'}]
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True, fused=True)
 
 
 # ----------------------------------------------------------------------------- the images
@@ -206,7 +113,7 @@ def epoch_batches(images, order, seeds, start, global_batch, rank, world, worker
 # ----------------------------------------------------------------------------- features for evaluation
 
 def split_features(backbone, paths, device, decode='pil', dtype='float32', workers=0):
-    """(N, D) float32 features of image files through `backbone` (a Backbone) in eval mode: the
+    """(N, D) float32 features of image files through `backbone` (a model.Backbone) in eval mode: the
     center crop prep.py takes (shorter side 256, 224 crop; one crop, whatever meta.json's crops),
     with the dataset's decoder and dtype; rows L2-normalized."""
     was_training = backbone.training

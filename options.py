@@ -2,8 +2,9 @@
 against the script's rule table (OPTION_RULES) before any work, --help, and run_main, which
 turns a UserError into one line on stderr and exit status 1.
 
-    parse_config, check_options   the options of a script, parsed and checked
-    at_least, non_negative, one_of, SEED, FOLDER, DEVICE   rules the tables are made of
+    parse_config, check_options   the options of a script (a recipe file, then --name=value), parsed and checked
+    read_recipe                   a recipe file's `name = value` lines, read as literals
+    at_least, at_most, non_negative, one_of, SEED, FOLDER, DEVICE   rules the tables are made of
     available_devices, pick_device   --device
     DTYPES, cpu_runs_bfloat16, pick_dtype   --dtype: float32, or bfloat16 where it is native
     print_help, run_main          --help, and running a script's main(argv)
@@ -11,9 +12,11 @@ turns a UserError into one line on stderr and exit status 1.
 """
 import ast
 import ctypes
+import difflib
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -21,33 +24,78 @@ from utils import UserError, file_advice
 
 
 def parse_config(defaults, argv, rules=None):
-    """Apply `--name=value` overrides to a dict of defaults. Values are Python literals
-    (`--lr=3e-4`, `--max_violation=True`); anything else is taken as a string. Then every option
-    is checked against its rule (check_options), so that a bad value stops before any work."""
+    """The script's configuration: its defaults (the constants at its top), then a recipe file
+    if the first argument names one (recipes/), then `--name=value` options, each checked
+    against its rule (check_options) so that a bad value stops before any work. Returns a
+    SimpleNamespace, the one object the script's functions are given."""
     config = dict(defaults)
+    argv = [a for a in argv if a != '--debug']
+    if argv and not argv[0].startswith('--'):
+        for name, (value, where) in read_recipe(argv[0]).items():
+            config[name] = option_value(config, name, value, where)
+        argv = argv[1:]
     for arg in argv:
-        if arg == '--debug':
-            continue
         if not arg.startswith('--') or '=' not in arg:
-            raise UserError(f"argument {arg!r}: options are written --name=value")
+            raise UserError(f"argument {arg!r}: options are written --name=value (a recipe file goes first)")
         key, text = arg[2:].split('=', 1)
-        if key not in config:
-            raise UserError(f"unknown option --{key}; the options are: " + ', '.join(sorted(config)))
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        default = config[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(default, str) and not isinstance(value, str):
-            value = text  # e.g. --split=1 stays the string '1'
-        if type(value) is not type(default):
-            kind = type(default).__name__
-            raise UserError(f"--{key}={text}: expected {'an' if kind == 'int' else 'a'} {kind} like {default!r}")
-        config[key] = value
+        config[key] = option_value(config, key, parse_literal(text, config.get(key)), f"--{key}={text}")
     check_options(config, rules or {})
-    return config
+    return SimpleNamespace(**config)
+
+
+def parse_literal(text, default):
+    """An option's text as the value its default's type calls for: text options as they are,
+    numbers and True/False as Python literals (anything else stays text, and is refused)."""
+    if isinstance(default, str) or len(text) > 40:   # no number or True/False is longer
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def option_value(config, key, value, where):
+    """`value` for option `key`, checked against the default's type (an int is taken for a float)."""
+    if key not in config:
+        close = difflib.get_close_matches(key, config, n=1)
+        hint = f"did you mean --{close[0]}? " if close else ''
+        raise UserError(f"{where}: unknown option --{key}; {hint}--help lists the options")
+    default = config[key]
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        kind = type(default).__name__
+        shown = where if len(where) < 80 else where[:60] + '...'
+        raise UserError(f"{shown}: expected {'an' if kind == 'int' else 'a'} {kind} like {default!r}")
+    return value
+
+
+def read_recipe(path):
+    """A recipe file: `name = value` lines of the options (Python literals; comments and a
+    docstring allowed), read with ast, never executed. Returns name -> (value, where)."""
+    if not path.endswith('.py') or not os.path.isfile(path):
+        raise UserError(f"{path}: not a recipe file (a .py file of `name = value` lines, e.g. recipes/paper.py); "
+                        "options are written --name=value")
+    try:
+        with open(path, encoding='utf-8') as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the recipe ({e}); check the path") from None
+    except SyntaxError as e:
+        raise UserError(f"{path}: line {e.lineno}: not valid Python; a recipe holds `name = value` lines") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the recipe's docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{path}: line {node.lineno}: a recipe holds only `name = value` lines")
+        name = node.targets[0].id
+        try:
+            values[name] = (ast.literal_eval(node.value), f"{path}: line {node.lineno}: {name}")
+        except ValueError:
+            raise UserError(f"{path}: line {node.lineno}: the value of {name} is not a literal (a number, a string, "
+                            "True or False); recipes are read, never run") from None
+    return values
 
 
 def check_options(config, rules):
@@ -61,6 +109,12 @@ def check_options(config, rules):
 # Rules that several scripts' option tables use.
 def at_least(n, why=''):
     return (lambda value: value >= n, f"at least {n}{why}")
+
+
+def at_most(n, rule):
+    """`rule`, and at most n: a size bound, so that a typo cannot ask for more memory than any machine has."""
+    ok, what = rule
+    return (lambda value: ok(value) and value <= n, f"{what}; at most {n}")
 
 
 def probability():
@@ -103,11 +157,15 @@ def print_help(module):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
             comments[node.targets[0].id] = rest[1:].strip() if rest.startswith('#') else ''
+    for key, (_, what) in getattr(module, 'OPTION_RULES', {}).items():
+        if isinstance(what, str) and '; at most ' in what:
+            comments[key] = f"{comments.get(key, '')} (at most {what.rsplit(' ', 1)[1]})".strip()
     name = os.path.basename(module.__file__)
     summary = ' '.join((module.__doc__ or '').strip().split('\n\n')[0].split())
     shown = {key: f"--{key}={getattr(module, key) if getattr(module, key) != '' else repr('')}" for key in module.CONFIG_KEYS}
     width = max(map(len, shown.values()))
-    print(f"{name}: {summary}\n\nusage: python {name} [--name=value ...]\n\n"
+    recipe = ' [recipes/NAME.py]' if name == 'train.py' else ''
+    print(f"{name}: {summary}\n\nusage: python {name}{recipe} [--name=value ...]\n\n"
           + '\n'.join(f"  {shown[key]:{width}s}  {comments.get(key, '')}".rstrip() for key in module.CONFIG_KEYS))
 
 
@@ -137,6 +195,17 @@ def run_main(main):
             raise
         print(f"error: {e.filename or 'a file'}: {e.strerror or e}; {file_advice(e)}", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # the allocator's refusal, for sizes no option bound could foresee
+        if '--debug' in argv or not out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); use smaller sizes "
+              "(--batch_size, --embed_dim, --word_dim, --val_images, --k) or a machine with more memory", file=sys.stderr)
+        sys.exit(1)
+
+
+def out_of_memory(e):
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or 'out of memory' in text.lower()
 
 
 def keep_freed_memory():

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from features import (CNN_DIMS, DECODERS, check_cnn, default_batch_size, extract_dataset, resolve_decode,
-                      resolve_dtype, setup_ranks, wait_for_all_ranks)
+from features import (CNN_DIMS, DECODERS, build_backbone, check_cnn, default_batch_size, extract_dataset,
+                      extract_features, resolve_decode, resolve_dtype, setup_ranks, wait_for_all_ranks)
 from options import DEVICE, DTYPES, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
 from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, read_json,
                    split_paths, tokenize, write_json)
@@ -89,10 +89,9 @@ OPTION_RULES = {
 SPLITS = ('train', 'val', 'test')
 LOCK_NAME = '.prep.lock'
 OUTPUTS = [f'{split}_{kind}' for split in SPLITS for kind in ('ims.npy', 'caps.txt', 'files.txt')] + ['vocab.json']
-given = set()  # the options on the command line (main): --crops is checked against an (N, C, D) array only if given
 
 
-def read_karpathy_json(path):
+def read_karpathy_json(path, max_len):
     """Karpathy's dataset_*.json -> list of {'split', 'file', 'captions': [5 token lists]}.
     restval goes to train (as in VSE++ and every COCO paper since); the first 5 captions kept."""
     data = read_json(path, 'dataset json (Karpathy format)')
@@ -100,7 +99,7 @@ def read_karpathy_json(path):
         raise UserError(f"{path}: expected Karpathy's format, an object with a non-empty 'images' list")
     images, first_entry = [], {}
     for n, entry in enumerate(data['images']):
-        image = read_image_entry(entry, f"{path}: image {n}")
+        image = read_image_entry(entry, f"{path}: image {n}", max_len)
         if image['file'] in first_entry:  # it could sit in two splits: a test image trained on
             raise UserError(f"{path}: images {first_entry[image['file']]} and {n} are both {image['file']}; "
                             "an image may be listed once: remove or rename one of them")
@@ -109,7 +108,7 @@ def read_karpathy_json(path):
     return images
 
 
-def read_image_entry(entry, where):
+def read_image_entry(entry, where, max_len):
     """One image of the json -> {'split', 'file', 'captions'}, every field checked for its type."""
     if not isinstance(entry, dict) or 'split' not in entry or 'sentences' not in entry:
         raise UserError(f"{where}: needs 'split' and 'sentences' (Karpathy's format)")
@@ -127,10 +126,10 @@ def read_image_entry(entry, where):
     if len(sentences) < CAPS_PER_IMAGE:
         raise UserError(f"{where}: {len(sentences)} captions; every image needs at least {CAPS_PER_IMAGE}")
     return {'split': split, 'file': os.path.join(filepath, filename),
-            'captions': [read_caption(s, where) for s in sentences[:CAPS_PER_IMAGE]]}
+            'captions': [read_caption(s, where, max_len) for s in sentences[:CAPS_PER_IMAGE]]}
 
 
-def read_caption(sentence, where):
+def read_caption(sentence, where, max_len):
     """A sentence of the json -> its words: its 'tokens' lowercased (NFC, as utils.tokenize
     reads a query), else its 'raw' text tokenized."""
     if isinstance(sentence, dict) and isinstance(sentence.get('tokens'), list):
@@ -173,48 +172,50 @@ def read_mat_features(path, n_images):
     return np.ascontiguousarray(feats.T)
 
 
-def read_npy_features(path, n_images):
+def read_npy_features(cfg, path, n_images):
     """--features: (N, D), or (N, C, D) for C crops per image (as many as --crops, if given)."""
     try:
         feats = np.load(path, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        why = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable .npy file ({why}); save the (N, D) features again with numpy.save "
+                        "as an array of numbers") from None
     check_real_numbers(feats, path, "save the (N, D) features with numpy.save")
     if feats.ndim not in (2, 3) or feats.shape[0] != n_images:
         raise UserError(f"{path}: shape {feats.shape}, expected ({n_images}, D): one row per image of the dataset json, "
                         f"in order (or ({n_images}, C, D): C crops per image)")
     if feats.ndim == 3 and feats.shape[1] < 1:
         raise UserError(f"{path}: shape {feats.shape}: no crops per image; expected ({n_images}, C, D) with C at least 1")
-    if feats.ndim == 3 and 'crops' in given and feats.shape[1] != crops:
-        raise UserError(f"{path}: {feats.shape[1]} crops per image (shape {feats.shape}), but --crops={crops}; "
+    if feats.ndim == 3 and 'crops' in cfg.given and feats.shape[1] != cfg.crops:
+        raise UserError(f"{path}: {feats.shape[1]} crops per image (shape {feats.shape}), but --crops={cfg.crops}; "
                         f"pass --crops={feats.shape[1]} or leave --crops out")
     return np.asarray(feats, dtype=np.float32)
 
 
-def npy_crops(feats, meta):
+def npy_crops(cfg, feats, meta):
     """--features as they are prepared: (N, D) as they are; (N, C, D) kept with --keep_crops,
     else each image's mean crop (as --crops=10 makes it). Returns (features, meta)."""
     if feats.ndim == 2:
-        if keep_crops:
-            raise UserError(f"--keep_crops=True: {features} holds one feature per image, shape {feats.shape}; "
+        if cfg.keep_crops:
+            raise UserError(f"--keep_crops=True: {cfg.features} holds one feature per image, shape {feats.shape}; "
                             "keeping crops needs an (N, C, D) array of C crops per image")
         return feats, meta
     n_crops = feats.shape[1]
-    if keep_crops and n_crops == 1:
-        raise UserError(f"--keep_crops=True: {features} holds one crop per image, shape {feats.shape}, nothing to keep apart; "
+    if cfg.keep_crops and n_crops == 1:
+        raise UserError(f"--keep_crops=True: {cfg.features} holds one crop per image, shape {feats.shape}, nothing to keep apart; "
                         "leave --keep_crops out")
-    if not keep_crops:
-        print(f"{features}: {n_crops} crops per image, prepared as their mean (--keep_crops=True keeps each)")
+    if not cfg.keep_crops:
+        print(f"{cfg.features}: {n_crops} crops per image, prepared as their mean (--keep_crops=True keeps each)")
         return feats.mean(1), {**meta, 'crops': n_crops}
     return feats, {**meta, 'crops': n_crops, 'kept_crops': True}
 
 
-def check_keep_crops():
+def check_keep_crops(cfg):
     """--keep_crops=True needs more than one crop per image, said before any work (an (N, C, D)
     --features array is checked once it is read, npy_crops)."""
-    if keep_crops and dataset == 'synthetic':
+    if cfg.keep_crops and cfg.dataset == 'synthetic':
         raise UserError("--keep_crops=True: the synthetic set has one feature per image, no crops; leave it out")
-    if keep_crops and crops == 1 and not features:
+    if cfg.keep_crops and cfg.crops == 1 and not cfg.features:
         raise UserError("--keep_crops=True: --crops=1 is one crop per image, nothing to keep apart; pass --crops=10 "
                         "(or --features= of an (N, C, D) array)")
 
@@ -233,8 +234,14 @@ def normalize_rows(feats, source):
     if images_where(~np.isfinite(norms)).any():
         raise UserError(f"{source}: image {int(images_where(~np.isfinite(norms)).argmax())}: values so large that the "
                         "vector's length overflows float32; scale the features down")
-    if (norms == 0).any():
-        raise UserError(f"{source}: image {int(images_where(norms == 0).argmax())} has an all-zero feature vector; regenerate the features")
+    peaks = np.abs(feats).max(-1, keepdims=True)
+    if (peaks == 0).any():
+        raise UserError(f"{source}: image {int(images_where(peaks == 0).argmax())} has an all-zero feature vector; regenerate the features")
+    tiny = norms[..., 0] < 1e-18   # its squares underflow float32: scaled to its largest value first
+    if tiny.any():
+        feats = np.array(feats)   # a private copy: the input may be a read-only memory map
+        feats[tiny] /= peaks[tiny]
+        norms[tiny] = np.linalg.norm(feats[tiny], axis=-1, keepdims=True)
     return feats / norms
 
 
@@ -245,16 +252,16 @@ def build_vocab(captions, threshold):
     return {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(kept)}}
 
 
-def check_vocabulary(images, source):
+def check_vocabulary(cfg, images, source):
     """--vocab_threshold leaves at least one word of the train captions, said before the features are made."""
     counts = collections.Counter(w for im in images if im['split'] == 'train' for words in im['captions'] for w in words)
-    if counts and max(counts.values()) < vocab_threshold:
+    if counts and max(counts.values()) < cfg.vocab_threshold:
         word, count = counts.most_common(1)[0]
-        raise UserError(f"--vocab_threshold={vocab_threshold}: no word of the train captions of {source} occurs that "
+        raise UserError(f"--vocab_threshold={cfg.vocab_threshold}: no word of the train captions of {source} occurs that "
                         f"often (the most frequent, {word!r}, {count} times), so every word would be {UNK}; lower it")
 
 
-def write_prepared(out_dir, images, feats, meta):
+def write_prepared(cfg, out_dir, images, feats, meta):
     """Write everything (the synthetic set's dataset.json and pictures too) into a staging folder,
     then move it into out_dir, meta.json last (its presence marks a complete dataset). A failure
     or a kill while writing (a full disk, a bad input, Ctrl-C) leaves a previously prepared
@@ -263,7 +270,7 @@ def write_prepared(out_dir, images, feats, meta):
     staging = os.path.join(out_dir, '.prep-staging')
     shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
     try:
-        meta = write_staged(staging, images, feats, meta)
+        meta = write_staged(cfg, staging, images, feats, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -287,7 +294,7 @@ def swap_in(staging, out_dir):
     shutil.rmtree(staging)
 
 
-def write_staged(staging, images, feats, meta):
+def write_staged(cfg, staging, images, feats, meta):
     os.makedirs(staging)
     if meta['dataset'] == 'synthetic':
         write_json(os.path.join(staging, 'dataset.json'), to_karpathy_json(images, 'synthetic'))
@@ -309,23 +316,39 @@ def write_staged(staging, images, feats, meta):
         with atomic_open(os.path.join(staging, f'{split}_files.txt'), 'w') as f:
             f.writelines(images[i]['file'] + '\n' for i in rows)
         meta['splits'][split] = {'images': len(rows), 'captions': CAPS_PER_IMAGE * len(rows)}
-    vocab = build_vocab([w for im in images if im['split'] == 'train' for w in im['captions']], vocab_threshold)
+    vocab = build_vocab([w for im in images if im['split'] == 'train' for w in im['captions']], cfg.vocab_threshold)
     write_json(os.path.join(staging, 'vocab.json'), vocab)
     meta.update(feature_dim=int(feats.shape[-1]), caps_per_image=CAPS_PER_IMAGE, vocab_size=len(vocab),
-                vocab_threshold=vocab_threshold, max_len=max_len)
+                vocab_threshold=cfg.vocab_threshold, max_len=cfg.max_len, options=recorded_options(cfg))
     write_json(os.path.join(staging, 'meta.json'), meta)
     return meta
 
 
-def refuse_to_overwrite(out_dir):
+def recorded_options(cfg):
+    """The options meta.json records: those that decide what prep.py writes."""
+    return {k: getattr(cfg, k) for k in CONFIG_KEYS if k not in ('force', 'device', 'workers', 'batch_size')}
+
+
+def prepared_with(out_dir):
+    """The options a complete prepared dataset in out_dir was made with; None if there is none."""
+    path = os.path.join(out_dir, 'meta.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f).get('options')
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def refuse_to_overwrite(cfg, out_dir):
     """prep.py replaces only a dataset it prepared itself (one with a meta.json), and that only
     with --force=True; files it would write that are there without a meta.json are someone
     else's (or a killed run's) and are replaced only with --force=True too."""
-    if os.path.exists(os.path.join(out_dir, 'meta.json')) and not force:
-        raise UserError(f"{out_dir}: already prepared (meta.json exists); pass --force=True to prepare it again")
-    ours = OUTPUTS + (['dataset.json', 'images'] if dataset == 'synthetic' else [])
+    if os.path.exists(os.path.join(out_dir, 'meta.json')) and not cfg.force:
+        raise UserError(f"{out_dir}: already prepared, with other options (meta.json's 'options'); pass --force=True "
+                        "to prepare it again with these, or choose another --data_dir")
+    ours = OUTPUTS + (['dataset.json', 'images'] if cfg.dataset == 'synthetic' else [])
     found = [name for name in ours if os.path.lexists(os.path.join(out_dir, name))]
-    if found and not force and not os.path.exists(os.path.join(out_dir, 'meta.json')):
+    if found and not cfg.force and not os.path.exists(os.path.join(out_dir, 'meta.json')):
         raise UserError(f"{out_dir}: holds {', '.join(found)} but no meta.json, so prep.py did not prepare them; "
                         "prepare into another --data_dir, or pass --force=True to replace them")
 
@@ -343,44 +366,76 @@ WHERE_IMAGES = {  # what a user puts where, and where it is published
 }
 
 
-def find_images(images, out_dir):
+def find_images(cfg, images, out_dir):
     """The folder that holds the dataset json's images, or a UserError that says what to put
     where when none or (without --skip_bad) some of them are missing."""
-    folder, what = WHERE_IMAGES.get(dataset, ('images', 'the images named in the dataset json'))
-    folder = images_dir or os.path.join(out_dir, folder)
+    folder, what = WHERE_IMAGES.get(cfg.dataset, ('images', 'the images named in the dataset json'))
+    folder = cfg.images_dir or os.path.join(out_dir, folder)
     paths = [os.path.join(folder, im['file']) for im in images]
     missing = [p for p in paths if not os.path.exists(p)]
     if not os.path.isdir(folder) or len(missing) == len(paths):
         raise UserError(f"{folder}: none of the {len(paths)} images of the dataset json are there (e.g. {missing[0]}); "
                         f"put {what} there or pass --images_dir=FOLDER; or give features: Karpathy's vgg_feats.mat "
                         f"in {out_dir}, or --features=PATH.npy")
-    if missing and not skip_bad:
+    if missing and not cfg.skip_bad:
         raise UserError(f"{folder}: {len(missing)} of {len(paths)} images are missing ({', '.join(missing[:5])}"
                         f"{', ...' if len(missing) > 5 else ''}); put them there, or pass --skip_bad=True to drop them and their captions")
     return folder
 
 
-def image_features(images, out_dir, rank=0, world=1):
+def image_features(cfg, images, out_dir, rank=0, world=1):
     """Extract features of every image of the dataset json into out_dir/features_<cnn>_<crops>crop.npy,
     resuming a run that was interrupted. Returns (features, bad, extraction): bad lists (index,
     path, reason); extraction is what meta.json records of it. Under torchrun each rank fills
     its own shard of rows and only rank 0 returns the result."""
-    folder = find_images(images, out_dir)
-    dev = pick_device(device)
+    folder = find_images(cfg, images, out_dir)
+    dev = pick_device(cfg.device)
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-    decoder, precision = resolve_decode(decode, dev), resolve_dtype(dtype, dev, cnn)
-    feats_path = os.path.join(out_dir, f"features_{cnn}_{crops}crop{'_kept' if keep_crops else ''}.npy")
-    feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cnn, crops=crops, weights=weights,
-                                 decode=decoder, dtype=precision, batch_size=batch_size or default_batch_size(dev),
-                                 workers=workers, device=dev, rank=rank, world=world, keep_crops=keep_crops)
+    decoder, precision = resolve_decode(cfg.decode, dev), resolve_dtype(cfg.dtype, dev, cfg.cnn)
+    feats_path = os.path.join(out_dir, f"features_{cfg.cnn}_{cfg.crops}crop{'_kept' if cfg.keep_crops else ''}.npy")
+    feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cfg.cnn, crops=cfg.crops, weights=cfg.weights,
+                                 decode=decoder, dtype=precision, batch_size=cfg.batch_size or default_batch_size(dev),
+                                 workers=cfg.workers, device=dev, rank=rank, world=world, keep_crops=cfg.keep_crops)
     if rank != 0:
         return None, None, None
-    if bad and not skip_bad:
+    if bad and not cfg.skip_bad:
         listed = '; '.join(f"{p} ({reason})" for _, p, reason in bad[:10]) + ('; ...' if len(bad) > 10 else '')
         raise UserError(f"{folder}: {len(bad)} images cannot be read: {listed}; replace them, or pass "
                         "--skip_bad=True to drop them and their captions (the other features are kept)")
     return feats, bad, {'features_file': feats_path, 'images_dir': folder, 'decode': decoder, 'dtype': precision}
+
+
+def features_network(cfg, images, feats, crops, out_dir, checked=8):
+    """--features= with --cnn= (and --images_dir=): what meta.json records of the network that
+    made the given features from the dataset's photos, so that eval.py --image, --gallery and
+    fine-tuning can use them. Checked first on a few photos: the network's features of each must
+    point where its given row does (cosine 0.9 or more: a photo saved again as JPEG moves them a
+    little, to 0.93-0.98 for Lite0 on Flickr8k, while another photo's row is near 0.3-0.5), and
+    nearer its own row than any other photo's."""
+    folder = find_images(cfg, images, out_dir)
+    dev = pick_device(cfg.device)
+    decoder, precision = resolve_decode(cfg.decode, dev), resolve_dtype(cfg.dtype, dev, cfg.cnn)
+    if feats.shape[-1] != CNN_DIMS[cfg.cnn]:
+        raise UserError(f"--features={cfg.features}: {feats.shape[-1]}-d features, but --cnn={cfg.cnn} gives "
+                        f"{CNN_DIMS[cfg.cnn]}-d ones; give the --cnn that made them, or leave --cnn out")
+    rows = np.unique(np.linspace(0, len(images) - 1, checked).round().astype(int))
+    backbone, _ = build_backbone(cfg.cnn, cfg.weights, dev, precision)
+    made = extract_features(backbone, [os.path.join(folder, images[i]['file']) for i in rows], cfg.cnn, crops, dev,
+                            workers=0, progress=False, decode=decoder, dtype=precision)
+    given = feats[rows].mean(1) if feats.ndim == 3 else feats[rows]
+    unit = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-30)  # noqa: E731
+    pairs = unit(made) @ unit(given).T
+    cosines = pairs.diagonal()
+    if cosines.min() < 0.9 or (pairs.argmax(1) != np.arange(len(rows))).any():
+        worst = int(np.argmin(cosines - (pairs.argmax(1) != np.arange(len(rows)))))
+        raise UserError(f"--features={cfg.features}: --cnn={cfg.cnn} with --weights={cfg.weights} and --crops={crops} "
+                        f"does not make them from {images[rows[worst]]['file']} (cosine {cosines[worst]:.3f} to the given "
+                        "row); give the --cnn, --weights and --crops that made them, or leave --cnn out")
+    print(f"{cfg.features}: {cfg.cnn} makes them from the photos in {folder} (cosine at least {cosines.min():.4f} "
+          f"on {len(rows)} of them); recorded in meta.json")
+    return {'cnn': cfg.cnn, 'crops': crops, 'weights': cfg.weights, 'images_dir': os.path.abspath(folder), 'decode': decoder,
+            'dtype': precision}
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -480,82 +535,88 @@ def to_karpathy_json(images, name):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    globals().update(parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES))
-    globals()['given'] = {arg[2:].split('=', 1)[0] for arg in argv if arg.startswith('--')}
-    check_keep_crops()
-    out_dir = data_dir or os.path.join('data', dataset)
+    cfg = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES)
+    cfg.given = {arg[2:].split('=', 1)[0] for arg in argv if arg.startswith('--')}  # --crops is checked against an (N, C, D) array only if given
+    check_keep_crops(cfg)
+    out_dir = cfg.data_dir or os.path.join('data', cfg.dataset)
+    if not cfg.force and prepared_with(out_dir) == recorded_options(cfg):
+        print(f"{out_dir}: already prepared with these options; nothing to do (--force=True prepares it again)")
+        return
     if not os.path.exists(os.path.join(out_dir, LOCK_NAME)):  # else the lock, below, names a prep.py at work first
-        refuse_to_overwrite(out_dir)  # before the folder and its lock file are made: a refusal changes nothing
+        refuse_to_overwrite(cfg, out_dir)  # before the folder and its lock file are made: a refusal changes nothing
     new_folder = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rank, world = setup_ranks()  # under torchrun, only rank 0 downloads and writes; all ranks extract
     if rank != 0:
-        return prepare(out_dir, rank, world)
+        return prepare(cfg, out_dir, rank, world)
     try:
         with lock_dataset(out_dir):
-            refuse_to_overwrite(out_dir)  # again under the lock: another prep.py may have finished meanwhile
-            prepare(out_dir, rank, world)
+            refuse_to_overwrite(cfg, out_dir)  # again under the lock: another prep.py may have finished meanwhile
+            prepare(cfg, out_dir, rank, world)
     except BaseException:
         if new_folder and os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a prep that stopped before writing anything leaves no trace
         raise
 
 
-def prepare(out_dir, rank, world):
+def prepare(cfg, out_dir, rank, world):
     """The dataset's images, captions and features, written into out_dir."""
-    if dataset == 'synthetic':
+    if cfg.dataset == 'synthetic':
         if rank != 0:
             return
-        sizes = [int(x) for x in synthetic_sizes.split(',')]
-        images, feats = make_synthetic(sizes, synthetic_dim, np.random.default_rng(seed))
+        sizes = [int(x) for x in cfg.synthetic_sizes.split(',')]
+        images, feats = make_synthetic(sizes, cfg.synthetic_dim, np.random.default_rng(cfg.seed))
         # images_dir is relative to data_dir; the features are not computed from these pixels
-        meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {seed})', 'images_dir': 'images'}
-        check_vocabulary(images, meta['source'])
+        meta = {'dataset': 'synthetic', 'source': f'synthetic (seed {cfg.seed})', 'images_dir': 'images'}
+        check_vocabulary(cfg, images, meta['source'])
     else:
-        images, feats, meta = dataset_from_files(out_dir, rank, world)
+        images, feats, meta = dataset_from_files(cfg, out_dir, rank, world)
         if rank != 0:
             return
-    meta = write_prepared(out_dir, images, feats, meta)
+    meta = write_prepared(cfg, out_dir, images, feats, meta)
     counts = ', '.join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in meta['splits'].items())
     kept = f" ({meta['crops']} crops each, kept)" if meta.get('kept_crops') else ''
     print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features{kept}; vocabulary {meta['vocab_size']} words")
 
 
-def dataset_from_files(out_dir, rank, world):
+def dataset_from_files(cfg, out_dir, rank, world):
     """(images, features, meta) of a dataset json and its features: --features, vgg_feats.mat, or
     extracted from the images; downloaded first where the dataset is one prep.py knows.
     Under torchrun the ranks other than 0 return (None, None, None) once their share is done."""
-    check_cnn(cnn, crops)
-    json_path = dataset_json or os.path.join(out_dir, 'dataset.json')
+    check_cnn(cfg.cnn, cfg.crops)
+    json_path = cfg.dataset_json or os.path.join(out_dir, 'dataset.json')
     mat_path = os.path.join(out_dir, 'vgg_feats.mat')
-    if rank == 0 and dataset in SOURCES and not dataset_json and (not os.path.exists(json_path) or (
-            not features and not os.path.exists(mat_path) and not images_there(dataset, out_dir, images_dir))):
-        fetch(dataset, out_dir, mirror)
+    if rank == 0 and cfg.dataset in SOURCES and not cfg.dataset_json and (not os.path.exists(json_path) or (
+            not cfg.features and not os.path.exists(mat_path) and not images_there(cfg.dataset, out_dir, cfg.images_dir))):
+        fetch(cfg.dataset, out_dir, cfg.mirror)
     wait_for_all_ranks()
     if not os.path.exists(json_path):
-        raise UserError(f"{json_path}: not found; put Karpathy's dataset_{dataset}.json there (from his split file "
+        raise UserError(f"{json_path}: not found; put Karpathy's dataset_{cfg.dataset}.json there (from his split file "
                         "caption_datasets.zip, mirrored on Kaggle as 'Karpathy splits') or pass --dataset_json=PATH")
-    images = read_karpathy_json(json_path)
-    check_vocabulary(images, json_path)
-    meta = {'dataset': dataset, 'dataset_json': json_path}
+    images = read_karpathy_json(json_path, cfg.max_len)
+    check_vocabulary(cfg, images, json_path)
+    meta = {'dataset': cfg.dataset, 'dataset_json': json_path}
     if os.path.exists(os.path.join(out_dir, 'download.json')):
         meta['downloads'] = read_json(os.path.join(out_dir, 'download.json'))
-    if keep_crops and not features and os.path.exists(mat_path):
+    if cfg.keep_crops and not cfg.features and os.path.exists(mat_path):
         raise UserError(f"{mat_path}: Karpathy's features, one per image, come before the images, so --keep_crops=True has "
                         f"no crops to keep; move the file out of {out_dir} to extract the crops from the images")
-    if rank != 0 and (features or os.path.exists(mat_path)):
+    if rank != 0 and (cfg.features or os.path.exists(mat_path)):
         return None, None, None
-    if features:
-        return images, *npy_crops(read_npy_features(features, len(images)), {**meta, 'source': features})
+    if cfg.features:
+        feats, meta = npy_crops(cfg, read_npy_features(cfg, cfg.features, len(images)), {**meta, 'source': cfg.features})
+        if 'cnn' in cfg.given:   # which network made them, from which photos: checked, then recorded
+            meta.update(features_network(cfg, images, feats, meta.get('crops', cfg.crops), out_dir))
+        return images, feats, meta
     if os.path.exists(mat_path):
         return images, read_mat_features(mat_path, len(images)), {**meta, 'source': mat_path}
-    feats, bad, extraction = image_features(images, out_dir, rank, world)
+    feats, bad, extraction = image_features(cfg, images, out_dir, rank, world)
     if rank != 0:
         return None, None, None
-    meta.update(extraction, source=extraction['features_file'], cnn=cnn, crops=crops, weights=weights)
-    if keep_crops:
+    meta.update(extraction, source=extraction['features_file'], cnn=cfg.cnn, crops=cfg.crops, weights=cfg.weights)
+    if cfg.keep_crops:
         meta['kept_crops'] = True
-    if weights == 'random':
+    if cfg.weights == 'random':
         meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
     if bad:
         meta['skipped_images'] = [{'file': images[i]['file'], 'reason': reason} for i, _, reason in bad]

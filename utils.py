@@ -180,7 +180,8 @@ def load_split(data_dir, split, all_crops=False):
     meta = load_meta(data_dir)
     if split not in meta['splits']:
         raise UserError(f"{data_dir}: split {split!r} was not prepared (its dataset json has no such images); "
-                        f"prepared splits: {', '.join(sorted(meta['splits']))}")
+                        f"prepared splits: {', '.join(sorted(meta['splits']))}; choose one with --split="
+                        f"{'val' if 'val' in meta['splits'] else sorted(meta['splits'])[0]}")
     ims_path, caps_path = split_paths(data_dir, split)
     again = "run prep.py again with --force=True"
     try:
@@ -239,22 +240,31 @@ def first_nonfinite_row(feats, rows=8192):
     return None
 
 
+def load_tensors(path, device, what, only, damaged):
+    """torch.load with weights_only=True: tensors and plain containers, so that a file from
+    elsewhere can never run code while it loads. A file holding more (a pickled Python object)
+    is refused as such (`only`: what to load instead); an unreadable one says `damaged`."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if type(e).__name__ == 'UnpicklingError':  # weights_only refused a pickled object
+            calls = f"; loading it would call {code[1]}" if code else ''
+            raise UserError(f"{path}: refused: it holds more than tensors (a pickled Python object{calls}), so it "
+                            f"is not loaded; {only}") from None
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
+                        f"{damaged}") from None
+
+
 def load_checkpoint(path, device):
     """A checkpoint train.py wrote. weights_only=True: tensors and plain containers only, so a
     file from elsewhere can never run code while it loads; a torn, foreign or malicious file is
     a UserError, not a traceback."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        code = re.search(r'GLOBAL ([\w.]+)', str(e))
-        if type(e).__name__ == 'UnpicklingError' and code:  # weights_only refused a pickled object
-            raise UserError(f"{path}: refused: loading it would call {code[1]} (a pickled Python object, not "
-                            "weights); load only checkpoints written by train.py") from None
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
-                        "it may be truncated: use another copy or train again") from None
+    ckpt = load_tensors(path, device, 'checkpoint', "load only checkpoints written by train.py",
+                        "it may be truncated: use another copy or train again")
     missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a checkpoint written by train.py (no {', '.join(missing)})")

@@ -50,6 +50,30 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def make_model(feature_dim, vocab_size, word_dim=300, embed_dim=1024, measure='order', compiled=False, **rest):
+    """model.build_model of a ModelConfig with these sizes (rest: its other fields)."""
+    from model import ModelConfig, build_model
+    return build_model(ModelConfig(feature_dim, vocab_size, word_dim, embed_dim, measure, **rest), compiled=compiled)
+
+
+def batch_of(feats, tokens, lengths, idx):
+    """train.get_batch of the captions idx and their images (image i owns captions 5i .. 5i+4)."""
+    import train
+    return train.get_batch(SimpleNamespace(feats=feats, tokens=tokens, lengths=lengths), idx, None, 0, 0)
+
+
+def train_on(model, optimizer, feats, tokens, lengths, idx, cfg):
+    """train.py's training step on the captions idx, with the loss cfg.max_violation says."""
+    import train
+    return train.train_step(model, optimizer, *batch_of(feats, tokens, lengths, idx), cfg, cfg.max_violation)
+
+
+def loss_of(model, feats, tokens, lengths, idx, cfg):
+    """train.py's batch loss of the captions idx."""
+    import train
+    return train.batch_loss(model, *batch_of(feats, tokens, lengths, idx), cfg, cfg.max_violation)
+
+
 def caption_batch(n_images, n_captions, length=9, vocab=30, feature_dim=24):
     """Random image features and padded captions (ids 2..vocab-1, 1..length tokens each)."""
     import torch
@@ -370,6 +394,8 @@ def run_here(script, *args, patch=None):
     """prep/train/eval's main in this process, through run_main as on the command line:
     (returncode, stdout, stderr). The module is reloaded so that its config starts at the defaults;
     patch(module), if given, then changes what the test needs changed."""
+    if script == 'train':   # a patch of the run folder's classes (StopRequests) stays with this run
+        importlib.reload(importlib.import_module('run_folder'))
     module = importlib.reload(importlib.import_module(script))
     if patch is not None:
         patch(module)

@@ -55,14 +55,14 @@ def run_train(*args, stop_at=None, draws=None):
     iteration of every step_features call."""
     def patch(train):
         if stop_at is not None:
-            def agreed(self, iteration, world, dev):
+            def agreed(self, iteration, world, dev, every):
                 if iteration == stop_at:
                     self.signum = signal.SIGINT
                 return self.signum is not None
             train.StopRequests.agreed = agreed
         if draws is not None:
             draw = train.step_features
-            train.step_features = lambda feats, iteration: draws.append(iteration) or draw(feats, iteration)
+            train.step_features = lambda feats, iteration, seed: draws.append(iteration) or draw(feats, iteration, seed)
     return run_here('train', *args, patch=patch)
 
 
@@ -177,7 +177,8 @@ def test_validation_and_eval_score_the_mean_of_the_crops(kept, tmp_path):
     run = tmp_path / 'run'
     proc = run_train(*TRAIN, f'--data_dir={kept.data}', f'--out_dir={run}', '--epochs=1')
     assert proc.returncode == 0 and '(4 crops each, one drawn per step)' in proc.stdout, proc.stderr
-    data = train.load_data(str(kept.data), torch.device('cpu'))  # with the run's options, val_images=0 among them
+    cfg = train.make_config([f'--data_dir={kept.data}'])
+    data = train.load_data(cfg, torch.device('cpu'))
     crops = np.load(kept.data / 'val_ims.npy').astype(np.float64)
     plain = sum(crops[:, c] for c in range(N_CROPS)) / N_CROPS
     plain /= np.sqrt((plain ** 2).sum(1, keepdims=True))
@@ -185,8 +186,9 @@ def test_validation_and_eval_score_the_mean_of_the_crops(kept, tmp_path):
     np.testing.assert_allclose(data.val_feats, plain, rtol=1e-5, atol=1e-6)
     from eval import load_model
     model = load_model(str(run / 'best.pt'), torch.device('cpu'))[0]
-    got = train.validate(model, data.val_feats, data.val_caps, data.vocab)
-    want = train.validate(model, plain.astype(np.float32), data.val_caps, data.vocab)
+    got = train.validate(model, data, cfg, 1)
+    data.val_feats = plain.astype(np.float32)
+    want = train.validate(model, data, cfg, 1)
     assert numbers(got) == pytest.approx(numbers(want))
     # eval.py: the dataset's test split against the same split prepared from its mean crops
     means = tmp_path / 'means'
@@ -215,17 +217,16 @@ def test_crop_draw_is_seeded_uniform_and_gathered_right():
     train = importlib.reload(importlib.import_module('train'))
     feats = torch.randn(3000, N_CROPS, 8)
     def crops(seed, iteration):
-        train.seed = seed
-        return train.step_features(feats, iteration).crop
+        return train.step_features(feats, iteration, seed).crop
     assert torch.equal(crops(1, 7), crops(1, 7))
     assert not torch.equal(crops(1, 7), crops(2, 7)) and not torch.equal(crops(1, 7), crops(1, 8))
     counts = torch.bincount(torch.cat([crops(1, i) for i in range(10)]), minlength=N_CROPS).double()
     assert ((counts / counts.sum() - 1 / N_CROPS).abs() < 0.02).all(), counts  # 30,000 draws: a few sigma
-    drawn = train.step_features(feats, 3)
+    drawn = train.step_features(feats, 3, 1)
     rows = torch.tensor([5, 17, 5, 2999, 0])
     assert torch.equal(drawn[rows], torch.stack([feats[r, drawn.crop[r]] for r in rows.tolist()]))
     one_crop = feats[:, 0]
-    assert train.step_features(one_crop, 3) is one_crop  # (N, D): the step takes its rows as before
+    assert train.step_features(one_crop, 3, 1) is one_crop  # (N, D): the step takes its rows as before
 
 
 def test_stopped_and_resumed_run_draws_the_same_crops(kept, tmp_path):

@@ -10,7 +10,8 @@ import torch
 import train
 from conftest import caption_batch, naive_step, run_script
 from kernels import score_matrix, triton_order_scores
-from model import JointEmbedding, order_scores
+from conftest import loss_of, make_model, train_on
+from model import order_scores
 from utils import retrieval_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -66,8 +67,8 @@ def compare_training_steps(measure):
     n_caps = 40
     feats, tokens, lengths = caption_batch(8, n_caps)
     cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=0.5, dtype='float32')
-    fast = JointEmbedding(24, 30, 8, 16, measure, compiled=True).cuda()
-    plain = JointEmbedding(24, 30, 8, 16, measure)
+    fast = make_model(24, 30, 8, 16, measure, compiled=True).cuda()
+    plain = make_model(24, 30, 8, 16, measure)
     plain.load_state_dict({k: v.cpu() for k, v in fast.state_dict().items()})
     fast_opt = train.make_optimizer(fast, 1e-2)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
@@ -75,11 +76,11 @@ def compare_training_steps(measure):
         plain_opt = train.make_optimizer(plain, 1e-2)
     for step in range(3):
         idx = torch.randperm(n_caps)[:16]
-        a, _ = train.train_step(fast, fast_opt, feats.cuda(), tokens.cuda(), lengths, idx, cfg)
+        a, _ = train_on(fast, fast_opt, feats.cuda(), tokens.cuda(), lengths, idx, cfg)
         if measure == 'order':
             b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         else:
-            b, _ = train.train_step(plain, plain_opt, feats, tokens, lengths, idx, cfg)
+            b, _ = train_on(plain, plain_opt, feats, tokens, lengths, idx, cfg)
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-4)
     for p, q in zip(fast.parameters(), plain.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-3, atol=1e-4)
@@ -92,16 +93,16 @@ def test_a_training_step_never_waits_for_the_gpu(dtype):
     torch.manual_seed(0)
     feats, tokens, lengths = caption_batch(200, 1000, length=15, vocab=500, feature_dim=256)
     feats, tokens = feats.cuda(), tokens.cuda()
-    model = JointEmbedding(256, 500, 32, 128, 'order', compiled=True).cuda()
+    model = make_model(256, 500, 32, 128, 'order', compiled=True).cuda()
     optimizer = train.make_optimizer(model, 1e-3)
     cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=2.0, dtype=dtype)
     batches = torch.randperm(1000).split(128)
-    train.train_step(model, optimizer, feats, tokens, lengths, batches[0], cfg)   # compile, allocate
+    train_on(model, optimizer, feats, tokens, lengths, batches[0], cfg)   # compile, allocate
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
         for idx in batches[1:4]:
-            train.train_step(model, optimizer, feats, tokens, lengths, idx, cfg)
+            train_on(model, optimizer, feats, tokens, lengths, idx, cfg)
     finally:
         torch.cuda.set_sync_debug_mode('default')
 
@@ -110,12 +111,12 @@ def test_bfloat16_training_matches_float32_within_noise(synthetic_dir, tmp_path)
     """The same run in float32 and in bfloat16 autocast (the CUDA default), and float32 with
     another seed for the size of the noise: bfloat16 moves the test rsum no more than a seed does
     (plus a little), and both learn. Each run's result is printed for the record."""
-    model = JointEmbedding(24, 30, 8, 32, 'order', compiled=True).cuda()
+    model = make_model(24, 30, 8, 32, 'order', compiled=True).cuda()
     seen = []   # cuDNN's GRU runs wholly in bfloat16 under autocast, state included
     model.gru.register_forward_hook(lambda module, inputs, output: seen.append(output[1].dtype))
     feats, tokens, lengths = caption_batch(4, 20)
     cfg = SimpleNamespace(margin=0.05, max_violation=False, dtype='bfloat16')
-    loss = train.batch_loss(model, feats.cuda(), tokens.cuda(), lengths, torch.arange(20), cfg)
+    loss = loss_of(model, feats.cuda(), tokens.cuda(), lengths, torch.arange(20), cfg)
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32
 
     rsum = {}

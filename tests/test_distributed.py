@@ -22,9 +22,9 @@ CASES = [SimpleNamespace(measure='order', margin=0.05, max_violation=False, dtyp
 
 
 def make_inputs(measure):
-    from model import JointEmbedding
+    from conftest import make_model
     torch.manual_seed(0)
-    model = JointEmbedding(feature_dim=24, vocab_size=40, word_dim=8, embed_dim=16, measure=measure)
+    model = make_model(feature_dim=24, vocab_size=40, word_dim=8, embed_dim=16, measure=measure)
     feats = torch.randn(10, 24)
     lengths = torch.randint(1, 9, (50,))
     tokens = torch.zeros(50, 8, dtype=torch.long)
@@ -35,11 +35,12 @@ def make_inputs(measure):
 
 
 def one_step(model, feats, tokens, lengths, idx, cfg, world):
-    import train
-    loss = train.batch_loss(model, feats, tokens, lengths, idx, cfg)
+    import distributed
+    from conftest import loss_of
+    loss = loss_of(model, feats, tokens, lengths, idx, cfg)
     loss.backward()
     if world > 1:
-        train.average_gradients(model)
+        distributed.average_gradients(model)
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -43,7 +43,7 @@ def eval_here(monkeypatch, capsys, *args, coco_folds=False):
     and their mean, here folds of 10 images), which a tiny split is not otherwise."""
     ev = importlib.reload(importlib.import_module('eval'))
     if coco_folds:
-        monkeypatch.setattr(ev, 'is_coco_test', lambda meta, feats: True)
+        monkeypatch.setattr(ev, 'is_coco_test', lambda meta, feats, split: True)
     ev.main(['--compile=False', *args])
     return capsys.readouterr().out
 

@@ -18,8 +18,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 import features
-import finetune
 from conftest import assert_user_error, image_dataset, run_here
+from model import Backbone, ModelConfig, cnn_stages
 from test_reliability import assert_same_run
 from utils import UserError
 
@@ -70,10 +70,10 @@ def train(data, out, *extra, stop_at=None):
     def stop_there(module):
         agreed = module.StopRequests.agreed
 
-        def agreed_or_stop(self, iteration, world, dev):
+        def agreed_or_stop(self, iteration, world, dev, every):
             if iteration == stop_at:
                 self.signum = signal.SIGINT
-            return agreed(self, iteration, world, dev)
+            return agreed(self, iteration, world, dev, every)
         module.StopRequests.agreed = agreed_or_stop
     return run_here('train', '--dataset=x', f'--data_dir={data}', f'--out_dir={out}', *TRAIN, *extra,
                     patch=stop_there if stop_at is not None else None)
@@ -174,12 +174,12 @@ def test_a_run_stopped_while_fine_tuning_resumes_bit_for_bit(run, dataset, tmp_p
     assert_same_run(out, run)
 
 
-def test_on_a_cpu_the_cnn_trains_in_passes_of_a_few_rows_with_the_same_features_and_gradients(monkeypatch):
+def test_on_a_cpu_the_cnn_trains_in_passes_of_a_few_rows_with_the_same_features_and_gradients(tiny_cnn, monkeypatch):
     x = torch.rand(40, 3, 64, 64)
     results, calls = [], []
     for rows in (1000, features.CPU_PASS_ROWS):   # one pass, then passes of 16
         monkeypatch.setattr(features, 'CPU_PASS_ROWS', rows)
-        backbone = finetune.Backbone(tiny_net(), 'tiny')
+        backbone = Backbone(ModelConfig(TINY_DIM, 10, cnn='tiny'), None, 'cpu', 'float32')
         hook = backbone.net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
         out = backbone(x)
         hook.remove()
@@ -207,16 +207,15 @@ def test_frozen_stages_keep_their_weights_and_the_rest_trains(dataset, tmp_path)
 
 @pytest.mark.parametrize('cnn, count', [('efficientnet_lite0', 9), ('vgg16', 7), ('resnet152', 5)])
 def test_the_stages_of_each_cnn_hold_all_its_weights_in_order(cnn, count):
-    net, _ = finetune.build_network(cnn, None, torch.device('cpu'), 'float32')
-    stages = finetune.cnn_stages(net, cnn)
+    net = Backbone(ModelConfig(features.CNN_DIMS[cnn], 10, cnn=cnn, cnn_frozen_stages=2), None, 'cpu', 'float32').net
+    stages = cnn_stages(net, cnn)
     assert len(stages) == count
     in_stages = [id(p) for stage in stages for module in stage for p in module.parameters()]
     assert in_stages == [id(p) for p in net.parameters()]   # every weight once, from the input on
-    backbone = finetune.freeze_stages(finetune.Backbone(net, cnn), 2)
     assert [p.requires_grad for p in net.parameters()] == [i >= 2 for i, stage in enumerate(stages)
                                                            for module in stage for p in module.parameters()]
     with pytest.raises(UserError, match=f'--cnn_frozen_stages={count}: {cnn} has {count} stages'):
-        finetune.freeze_stages(backbone, count)
+        Backbone(ModelConfig(features.CNN_DIMS[cnn], 10, cnn=cnn, cnn_frozen_stages=count), None, 'cpu', 'float32')
 
 
 @pytest.mark.parametrize('case', ['features', 'missing_image'])

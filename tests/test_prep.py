@@ -41,9 +41,13 @@ def test_refuses_to_overwrite_unless_forced(tmp_path):
     write_pair(tmp_path, ['train'] * 3 + ['val', 'test'])
     run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}')
     before = open(tmp_path / 'meta.json').read()
-    assert_user_error(run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}', check=False), '--force=True')
+    again = run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}')   # the quick start run twice
+    assert 'already prepared with these options; nothing to do' in again.stdout
+    other = run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}', '--vocab_threshold=1', check=False)
+    assert_user_error(other, 'already prepared, with other options', '--force=True')
     assert open(tmp_path / 'meta.json').read() == before
-    run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}', '--force=True')
+    run_script('prep.py', '--dataset=x', f'--data_dir={tmp_path}', '--vocab_threshold=1', '--force=True')
+    assert json.load(open(tmp_path / 'meta.json'))['options']['vocab_threshold'] == 1
 
 
 def test_features_npy_of_any_dimension(tmp_path):

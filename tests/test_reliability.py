@@ -174,7 +174,7 @@ def test_foreign_torn_and_mismatched_checkpoints(reference, tmp_path):
     assert_user_error(run_here('eval', f'--out_dir={out}'), 'not a checkpoint written by train.py')
     (out / 'best.pt').write_bytes((reference.out / 'best.pt').read_bytes()[:5000])  # torn copy
     assert_user_error(run_here('eval', f'--out_dir={out}'), 'best.pt', 'not a readable checkpoint')
-    torch.save({**best, 'config': {**best['config'], 'embed_dim': 64}}, out / 'best.pt')
+    torch.save({**best, 'model_config': {**best['model_config'], 'embed_dim': 64}}, out / 'best.pt')
     assert_user_error(run_here('eval', f'--out_dir={out}'), 'best.pt', 'config does not fit its weights')
     assert not (out / 'results_test.json').exists()
     # resuming on another setup: other dimensions, or a dataset with another vocabulary

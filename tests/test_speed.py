@@ -15,7 +15,8 @@ import kernels
 import train
 from conftest import ROOT, assert_user_error, caption_batch, naive_step, run_script
 from kernels import compiled_order_scores, order_backward_of_few, score_matrix, tiled_order_scores
-from model import JointEmbedding, order_scores, similarity
+from conftest import loss_of, make_model, train_on
+from model import order_scores, similarity
 from utils import UserError
 
 
@@ -102,14 +103,14 @@ def test_hardest_negative_steps_use_the_pairs_path_and_equal_the_plain_step(monk
     torch.manual_seed(0)
     feats, tokens, lengths = caption_batch(32, 160)
     cfg = SimpleNamespace(margin=0.05, max_violation=True, grad_clip=2.0, dtype='float32')
-    fast = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
-    plain = JointEmbedding(24, 30, 8, 32, 'order')
+    fast = make_model(24, 30, 8, 32, 'order', compiled=True)
+    plain = make_model(24, 30, 8, 32, 'order')
     plain.load_state_dict(fast.state_dict())
     fast_opt = train.make_optimizer(fast, 1e-2)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
     for step in range(3):
         idx = torch.randperm(160)[:128]
-        a, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        a, norm = train_on(fast, fast_opt, feats, tokens, lengths, idx, cfg)
         b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert pairs_path == [1, 1, 1]
@@ -173,15 +174,15 @@ def test_train_step_equals_the_plain_step(compiled):
     feats, tokens, lengths = caption_batch(8, n_caps)
     # a large gradient clip would hide a wrong norm: 0.5 clips at every step here
     cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=0.5, dtype='float32')
-    fast = JointEmbedding(24, 30, 8, 16, 'order', compiled=compiled)
-    plain = JointEmbedding(24, 30, 8, 16, 'order')
+    fast = make_model(24, 30, 8, 16, 'order', compiled=compiled)
+    plain = make_model(24, 30, 8, 16, 'order')
     plain.load_state_dict(fast.state_dict())
     start = {k: v.clone() for k, v in fast.state_dict().items()}
     fast_opt = train.make_optimizer(fast, 1e-2)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
     for step in range(3):
         idx = torch.randperm(n_caps)[:16]
-        a, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        a, norm = train_on(fast, fast_opt, feats, tokens, lengths, idx, cfg)
         assert norm > cfg.grad_clip
         b = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -194,7 +195,7 @@ def test_train_step_equals_the_plain_step(compiled):
 def test_bfloat16_step_runs_the_encoder_in_bfloat16_and_the_loss_in_float32():
     torch.manual_seed(0)
     feats, tokens, lengths = caption_batch(16, 64)
-    model = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
+    model = make_model(24, 30, 8, 32, 'order', compiled=True)
     # the image encoder's output is bfloat16; on a CPU the GRU's matrix products are too, but it
     # keeps its state in float32, so its output type shows nothing (on CUDA cuDNN's GRU is all bfloat16)
     seen = []
@@ -203,7 +204,7 @@ def test_bfloat16_step_runs_the_encoder_in_bfloat16_and_the_loss_in_float32():
     losses = {}
     for dtype in ('float32', 'bfloat16'):
         cfg = SimpleNamespace(margin=0.05, max_violation=False, dtype=dtype)
-        losses[dtype] = train.batch_loss(model, feats, tokens, lengths, idx, cfg)
+        losses[dtype] = loss_of(model, feats, tokens, lengths, idx, cfg)
     assert seen == [torch.float32, torch.bfloat16]
     assert losses['bfloat16'].dtype == torch.float32
     # bfloat16 keeps 8 bits of mantissa: the loss moves by well under a percent, not more
@@ -217,14 +218,14 @@ def test_bfloat16_train_step_follows_the_plain_float32_step():
     torch.manual_seed(0)
     feats, tokens, lengths = caption_batch(16, 80)
     cfg = SimpleNamespace(margin=0.05, max_violation=False, grad_clip=0.5, dtype='bfloat16')
-    fast = JointEmbedding(24, 30, 8, 32, 'order', compiled=True)
-    plain = JointEmbedding(24, 30, 8, 32, 'order')
+    fast = make_model(24, 30, 8, 32, 'order', compiled=True)
+    plain = make_model(24, 30, 8, 32, 'order')
     plain.load_state_dict(fast.state_dict())
     fast_opt = train.make_optimizer(fast, 1e-3)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, foreach=False)
     for step in range(3):
         idx = torch.randperm(80)[:32]
-        loss, norm = train.train_step(fast, fast_opt, feats, tokens, lengths, idx, cfg)
+        loss, norm = train_on(fast, fast_opt, feats, tokens, lengths, idx, cfg)
         assert norm > cfg.grad_clip
         expected = naive_step(plain, plain_opt, feats[idx // 5], [tokens[i, :lengths[i]] for i in idx.tolist()], cfg)
         assert loss.item() == pytest.approx(expected.item(), rel=0.02)
@@ -242,7 +243,7 @@ def test_clipping_in_the_step_equals_clip_grad_norm():
     ours, plain, unclipped = (torch.nn.Linear(6, 5) for _ in range(3))
     plain.load_state_dict(ours.state_dict())
     unclipped.load_state_dict(ours.state_dict())
-    ours_opt = train.make_optimizer(ours, 1e-2)
+    ours_opt = torch.optim.Adam(ours.parameters(), lr=1e-2, fused=True)   # as train.make_optimizer's
     plain_opt, unclipped_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, foreach=False) for m in (plain, unclipped))
     for scale in (10.0, 0.01):
         grads = [torch.randn_like(p) * scale for p in ours.parameters()]

@@ -241,11 +241,57 @@ def test_image_query_uses_the_datasets_cnn(synthetic_dir, tmp_path):
 
 def test_curves_survive_a_torn_log_line(tmp_path):
     """A killed run can leave half a line at the end of log.jsonl; a resumed run appends to it."""
-    import train
+    from run_folder import draw_curves
     val = {d: {'r1': 10.0, 'r5': 30.0, 'r10': 50.0} for d in ('i2t', 't2i')}
     with open(tmp_path / 'log.jsonl', 'w') as f:
         f.write(json.dumps({'iteration': 5, 'loss': 2.0}) + '\n' + json.dumps({'iteration': 10, 'val': val}) + '\n')
         f.write('{"iteration": 15, "lo')
         f.write(json.dumps({'iteration': 15, 'loss': 1.0}) + '\n' + json.dumps({'iteration': 20, 'val': val}) + '\n')
-    train.draw_curves(tmp_path / 'log.jsonl', tmp_path / 'curves.png')
+    draw_curves(tmp_path / 'log.jsonl', tmp_path / 'curves.png')
     assert Image.open(tmp_path / 'curves.png').size == (1140, 300)
+
+
+NOTEBOOK = '''
+import sys
+sys.path.insert(0, {root!r})      # docs/evaluation.md: the repository on the path, from anywhere
+import json, torch, eval as ev
+from utils import load_split, encode_text, encode_images
+model, ckpt = ev.load_model({ckpt!r}, torch.device('cpu'))
+feats, captions = load_split({data!r}, 'test')
+images = encode_images(model, feats)
+queries = encode_text(model, ckpt['vocab'], [{sentence!r}])
+scores, indices = ev.search(model, images, queries, k=5, by='text')
+caps = encode_text(model, ckpt['vocab'], captions, tokenized=True)
+_, by_image = ev.search(model, images, caps, by='image')
+print(json.dumps({{'top': indices[0].tolist(), 'scores': scores[0].tolist(), 'by_image': by_image[0].tolist()}}))
+'''
+
+
+def test_the_notebook_api_works_from_a_folder_outside_the_repository(run, synthetic_dir, tmp_path):
+    """docs/evaluation.md's notebook lines, run by a fresh python in another folder, give what
+    eval.py --query prints."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    sentence = 'a small blue circle on the right'
+    code = NOTEBOOK.format(root=ROOT, ckpt=str(run / 'best.pt'), data=str(synthetic_dir), sentence=sentence)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    files = open(os.path.join(synthetic_dir, 'test_files.txt')).read().splitlines()
+    proc = run_script('eval.py', f'--out_dir={run}', f'--query={sentence}', '--k=5', cwd=tmp_path)
+    listed = [line.split()[-1] for line in proc.stdout.splitlines() if line.strip().split(' ')[0].isdigit()]
+    assert listed == [files[i] for i in got['top']]
+    assert len(got['by_image']) == 10 and all(0 <= j < 5 * len(files) for j in got['by_image'])
+
+
+def test_a_gallery_never_overwrites_a_file_without_force(run, tmp_path):
+    photo = tmp_path / 'mine.png'
+    Image.new('RGB', (8, 8), (1, 2, 3)).save(photo)
+    before = photo.read_bytes()
+    proc = run_script('eval.py', f'--out_dir={run}', f'--gallery={photo}', '--gallery_queries=1', check=False)
+    assert_user_error(proc, f'--gallery={photo}: the file exists', '--force=True')
+    assert photo.read_bytes() == before
+    run_script('eval.py', f'--out_dir={run}', f'--gallery={photo}', '--gallery_queries=1', '--force=True')
+    assert photo.read_bytes() != before and Image.open(photo).size[0] > 8
