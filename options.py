@@ -15,6 +15,7 @@ import ctypes
 import difflib
 import math
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -114,7 +115,8 @@ def at_least(n, why=''):
 def at_most(n, rule):
     """`rule`, and at most n: a size bound, so that a typo cannot ask for more memory than any machine has."""
     ok, what = rule
-    return (lambda value: ok(value) and value <= n, f"{what}; at most {n}")
+    what = re.sub(r'^at least (\S+?)(:|$)', rf'from \1 to {n}\2', what) if what.startswith('at least') else f"{what}; at most {n}"
+    return (lambda value: ok(value) and value <= n, what)
 
 
 def probability():
@@ -158,8 +160,9 @@ def print_help(module):
             rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
             comments[node.targets[0].id] = rest[1:].strip() if rest.startswith('#') else ''
     for key, (_, what) in getattr(module, 'OPTION_RULES', {}).items():
-        if isinstance(what, str) and '; at most ' in what:
-            comments[key] = f"{comments.get(key, '')} (at most {what.rsplit(' ', 1)[1]})".strip()
+        bound = re.search(r'(?:to|at most) (\d+)', what) if isinstance(what, str) else None
+        if bound:
+            comments[key] = f"{comments.get(key, '')} (at most {bound[1]})".strip()
     name = os.path.basename(module.__file__)
     summary = ' '.join((module.__doc__ or '').strip().split('\n\n')[0].split())
     shown = {key: f"--{key}={getattr(module, key) if getattr(module, key) != '' else repr('')}" for key in module.CONFIG_KEYS}
@@ -190,6 +193,9 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `train.py | head`: the reader has gone, as a shell tool would stop
+        sys.stdout = open(os.devnull, 'w')
+        sys.exit(141)
     except OSError as e:  # the last net for a file system error no check above turned into a UserError
         if '--debug' in argv:
             raise
