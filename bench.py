@@ -405,7 +405,7 @@ def bench_extract(opts, s, dev, gen):
     weights (the rate does not depend on them), the features saved as .npy as prep.py does; and
     the same in float32."""
     # Enough images that the decoding workers' start-up weighs about what it weighs in prep.py:
-    # Flickr8k's number on a GPU; on a CPU, 64 at a few seconds each batch (docs/speed.md)
+    # Flickr8k's number on a GPU; on a CPU, 64 (each batch takes seconds there)
     count = opts.extract_images or s['extract_images'] or (8192 if dev.type == 'cuda' else 64)
     batch = prep.batch_size or default_batch_size(dev)
     decoder, net_dtype = resolve_decode(opts.decode, dev), resolve_dtype(opts.dtype, dev, 'vgg16')

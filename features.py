@@ -124,8 +124,8 @@ def build_backbone(cnn, weights, device, dtype='float32'):
 
 # ----------------------------------------------------------------------------- number format
 # On a CPU oneDNN's bfloat16 kernels (AMX, AVX512-BF16) take only the channels_last layout.
-# bfloat16 moved EfficientNet-Lite0's features of real photos further than we accept (worst-image
-# cosine to float32 0.997, docs/bfloat16.md): 'auto' keeps it in float32 on a CPU.
+# bfloat16 moves EfficientNet-Lite0's features of real photos further from float32's than we
+# accept (docs/bfloat16.md): 'auto' keeps it in float32 on a CPU.
 FLOAT32_ON_CPU = ('efficientnet_lite0',)
 
 
@@ -337,9 +337,9 @@ CPU_PASS_ROWS = 16   # crops per forward pass on a CPU, whatever the batch of im
 
 
 def in_cpu_passes(network, x):
-    """network(x), on a CPU in passes of CPU_PASS_ROWS rows: ten crops of 16 images in one pass
-    ran at a quarter of the speed of 16 at a time, the activations outgrowing the caches and
-    coming fresh from the OS (docs/speed.md). For networks whose rows do not affect each other."""
+    """network(x), on a CPU in passes of CPU_PASS_ROWS rows: the activations of a larger pass
+    outgrow the caches and come fresh from the OS (docs/speed.md measures what that costs). For
+    networks whose rows do not affect each other."""
     rows = CPU_PASS_ROWS if x.device.type == 'cpu' else len(x)
     return torch.cat([network(part) for part in x.split(rows)])
 
