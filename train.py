@@ -41,6 +41,8 @@ learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-
 lr_decay_epoch = 7        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
 word_dropout = 0.0        # dropout on the word vectors while training (against overfitting; docs/recipe.md)
 image_dropout = 0.5       # dropout on the image features while training (the default's main defence against overfitting)
+pooling = 'mean'          # a dataset of grid vectors (prep.py --grid=True): each vector mapped, then 'mean' or 'gpo' (VSE∞) pools them
+caption_pooling = 'last'  # 'last': the GRU's state at the last word; 'gpo': GPO over a bidirectional GRU's word states
 weight_decay = 0.0        # decoupled (AdamW): each step also multiplies the weights by 1 - lr * weight_decay; 0 = off
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 13               # passes over the train captions (docs/recipe.md: the defaults were chosen on Flickr8k val)
@@ -71,6 +73,7 @@ OPTION_RULES = {
     'learning_rate': non_negative('the weights stay as initialized'),
     'lr_decay_epoch': at_least(0),
     'word_dropout': probability(), 'image_dropout': probability(),
+    'pooling': one_of('mean', 'gpo'), 'caption_pooling': one_of('last', 'gpo'),
     'weight_decay': non_negative('off'),
     'grad_clip': non_negative('no clipping'),
     'epochs': at_most(100000, at_least(1)),
@@ -150,7 +153,8 @@ def model_config(cfg, data):
     return ModelConfig(feature_dim=data.feats.shape[-1], vocab_size=len(data.vocab), word_dim=cfg.word_dim,
                        embed_dim=cfg.embed_dim, measure=cfg.measure, word_dropout=cfg.word_dropout,
                        image_dropout=cfg.image_dropout, cnn=data.train_images.cnn if cfg.finetune else '',
-                       cnn_frozen_stages=cfg.cnn_frozen_stages if cfg.finetune else 0)
+                       cnn_frozen_stages=cfg.cnn_frozen_stages if cfg.finetune else 0, pooling=cfg.pooling,
+                       caption_pooling=cfg.caption_pooling)
 
 
 def load_data(cfg, dev):
