@@ -43,6 +43,7 @@ word_dropout = 0.0        # dropout on the word vectors while training (against 
 image_dropout = 0.5       # dropout on the image features while training (the default's main defence against overfitting)
 pooling = 'mean'          # a dataset of grid vectors (prep.py --grid=True): each vector mapped, then 'mean' or 'gpo' (VSE∞) pools them
 caption_pooling = 'last'  # 'last': the GRU's state at the last word; 'gpo': GPO over a bidirectional GRU's word states
+size_augment = 0.0        # while training, drop this fraction of each image's grid vectors and of each caption's words (VSE∞: 0.2); at least one kept
 weight_decay = 0.0        # decoupled (AdamW): each step also multiplies the weights by 1 - lr * weight_decay; 0 = off
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 13               # passes over the train captions (docs/recipe.md: the defaults were chosen on Flickr8k val)
@@ -73,7 +74,7 @@ OPTION_RULES = {
     'learning_rate': non_negative('the weights stay as initialized'),
     'lr_decay_epoch': at_least(0),
     'word_dropout': probability(), 'image_dropout': probability(),
-    'pooling': one_of('mean', 'gpo'), 'caption_pooling': one_of('last', 'gpo'),
+    'pooling': one_of('mean', 'gpo'), 'caption_pooling': one_of('last', 'gpo'), 'size_augment': probability(),
     'weight_decay': non_negative('off'),
     'grad_clip': non_negative('no clipping'),
     'epochs': at_most(100000, at_least(1)),
@@ -117,7 +118,8 @@ def main(argv):
                 for b in range(start, iters_per_epoch):
                     idx = order[b * global_batch:(b + 1) * global_batch]
                     share = len(idx) // world   # each rank's part of the global batch (cut to a multiple of world)
-                    batch = get_batch(data, idx[rank * share:(rank + 1) * share], pixels, run.iteration, cfg.seed)
+                    batch = get_batch(data, idx[rank * share:(rank + 1) * share], pixels, run.iteration, cfg.seed,
+                                      cfg.size_augment)
                     run.record(*train_step(model, optimizer, *batch, cfg, hardest))
                     bar.update(1)
                     if run.iteration % cfg.log_interval == 0 or b == iters_per_epoch - 1:
@@ -241,11 +243,13 @@ def epoch_pixels(data, cfg, order, epoch, start, global_batch, rank, world, dev)
                          rank, world, cfg.workers, pin_memory=dev.type == 'cuda')
 
 
-def get_batch(data, idx, pixels, iteration, seed):
-    """(images, tokens, lengths) of the captions idx (a CPU index) on the device, longest caption
-    first (the GRU's packing then needs no sort on the device; the loss is a sum over all pairs,
-    so the order of a batch does not change it). images: the prepared features of each caption's
-    image, or, from `pixels` (the CNN trains), the next batch of augmented images."""
+def get_batch(data, idx, pixels, iteration, seed, size_augment=0.0):
+    """(images, image_lengths, tokens, lengths) of the captions idx (a CPU index) on the device,
+    longest caption first (the GRU's packing then needs no sort on the device; the loss is a sum
+    over all pairs, so the order of a batch does not change it). images: the prepared features of
+    each caption's image (of a grid dataset all its vectors, (B, K, D)), or, from `pixels` (the CNN
+    trains), the next batch of augmented images. image_lengths: None (every vector), or with
+    size_augment how many of each image's grid vectors were kept (drop_for_size)."""
     dev = data.tokens.device
     order = data.lengths[idx].argsort(descending=True, stable=True)
     idx = idx[order]
@@ -253,31 +257,71 @@ def get_batch(data, idx, pixels, iteration, seed):
     idx_dev = idx.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else idx.to(dev)
     lengths = data.lengths[idx]
     if pixels is None:
-        images = step_features(data.feats, iteration, seed)[idx_dev // 5]
+        # grid vectors are all the model's (it pools them); of kept crops a step draws one.
+        # getattr: the data of tests and bench.py, made by hand, hold no grids
+        feats = data.feats if getattr(data, 'grid', False) else step_features(data.feats, iteration, seed)
+        images = feats[idx_dev // 5]
     else:
         x, image_ids = next(pixels)
         if not torch.equal(image_ids[order], idx // 5):
             raise RuntimeError("the image batches are out of step with the captions")
         images = x.to(dev, non_blocking=True)[order.to(dev)]  # from the loader's pinned memory, then reordered
-    return images, data.tokens[idx_dev, :int(lengths.max())], lengths
+    tokens = data.tokens[idx_dev, :int(lengths.max())]
+    if size_augment:
+        return drop_for_size(images, tokens, lengths, size_augment, iteration, seed)
+    return images, None, tokens, lengths
 
 
-def batch_loss(model, images, tokens, lengths, cfg, hardest):
+def drop_for_size(images, tokens, lengths, fraction, iteration, seed):
+    """Size augmentation (VSE∞): each grid vector of each image ((B, K, D) images; one vector
+    per image has none to drop) and each word of each caption is dropped with probability
+    `fraction`, at least one of each kept (the one with the largest draw), so that the pooling
+    meets sets of many sizes. The kept ones move to the front, in their order, padding after.
+    Drawn on the CPU from (seed, iteration) alone, as the crops are, so that a resumed run drops
+    exactly what an uninterrupted one would, on any device. Returns (images, image_lengths or
+    None, tokens, lengths); the captions are no longer sorted by length (packing sorts them)."""
+    generator = torch.Generator().manual_seed(mix32(mix32(iteration ^ mix32(seed)) ^ SIZE_AUGMENT_STREAM))
+    image_lengths = None
+    if images.dim() == 3:
+        full = torch.full((len(images),), images.shape[1], dtype=torch.long)
+        where, image_lengths = kept_first(full, images.shape[1], fraction, generator)
+        where = where.to(images.device, non_blocking=True)
+        images = images.gather(1, where[..., None].expand(-1, -1, images.shape[2]))
+    where, lengths = kept_first(lengths, tokens.shape[1], fraction, generator)
+    tokens = tokens.gather(1, where.to(tokens.device, non_blocking=True))[:, :int(lengths.max())]
+    padding = torch.arange(tokens.shape[1]) >= lengths[:, None]
+    return images, image_lengths, tokens.masked_fill(padding.to(tokens.device), 0), lengths
+
+
+SIZE_AUGMENT_STREAM = 0x5A17E   # keeps the size draws' generators apart from the crop draws' (same seed, iteration)
+
+
+def kept_first(lengths, width, fraction, generator):
+    """Which of each row's first lengths[b] items survive a drop with probability `fraction`
+    (at least one: the largest draw): (an index (B, width) that puts them first, in their order,
+    the rest after; how many each row keeps (B,)). On the CPU."""
+    draws = torch.rand(len(lengths), width, generator=generator)
+    draws = draws.masked_fill(torch.arange(width) >= lengths[:, None], -1.0)   # padding is never kept
+    keep = (draws >= fraction) | (draws == draws.max(1, keepdim=True).values)
+    return (~keep).to(torch.uint8).argsort(dim=1, stable=True), keep.sum(1)
+
+
+def batch_loss(model, images, image_lengths, tokens, lengths, cfg, hardest):
     """The contrastive loss of a batch (images and their captions, get_batch), over the whole
     global batch under torchrun. Under bfloat16 only the encoders' matrix products and the GRU run
     in bfloat16: the embeddings come out normalized in float32, and scores and loss are float32
     (the order penalty is a sum of squares of small differences that bfloat16 would round away)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
-        image_emb = model.encode_images(images)
+        image_emb = model.encode_images(images, image_lengths)
         caption_emb = model.encode_captions(tokens, lengths)
     return contrastive_loss(model.scores(gather(image_emb), gather(caption_emb)), cfg.margin, hardest)
 
 
-def train_step(model, optimizer, images, tokens, lengths, cfg, hardest):
+def train_step(model, optimizer, images, image_lengths, tokens, lengths, cfg, hardest):
     """One step: batch_loss, backward, gradients averaged over ranks, clip, Adam. Returns the
     loss and the gradient norm before clipping as device tensors, so that the loop never waits
     for the device."""
-    loss = batch_loss(model, images, tokens, lengths, cfg, hardest)
+    loss = batch_loss(model, images, image_lengths, tokens, lengths, cfg, hardest)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(model)
