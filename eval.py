@@ -395,8 +395,8 @@ def load_run(folder, cfg, dev):
     data_folder = cfg.data_dir or trained_data_dir(ckpt, folder)
     meta = load_meta(data_folder)
     feats, captions = load_split(data_folder, cfg.split)
-    if feats.shape[1] != ckpt['feature_dim']:
-        raise UserError(f"{data_folder}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
+    if feats.shape[-1] != ckpt['feature_dim']:
+        raise UserError(f"{data_folder}: {feats.shape[-1]}-d image features, but {ckpt_path} was trained on "
                         f"{ckpt['feature_dim']}-d ones; evaluate on the dataset it was trained on (--data_dir)")
     files_path = os.path.join(data_folder, f"{cfg.split}_files.txt")
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []

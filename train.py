@@ -161,9 +161,13 @@ def model_config(cfg, data):
 
 def load_data(cfg, dev):
     """The training split on the device (a batch is an index into it; kept crops stay (N, C, D),
-    step_features draws from them) and the val split (kept crops as their mean, load_split);
-    with --finetune=True, the image files of both, checked, and the CNN's starting weights."""
+    step_features draws from them; grid vectors stay (N, K, D), the model pools them all) and the
+    val split (kept crops as their mean, grids as they are, load_split); with --finetune=True,
+    the image files of both, checked, and the CNN's starting weights."""
     meta = load_meta(cfg.data_dir)
+    if cfg.finetune and meta.get('grid'):
+        raise UserError(f"--finetune=True: {cfg.data_dir} holds grid vectors, and fine-tuning trains the CNN's pooled "
+                        "vector, not its map, for now; fine-tune on a dataset prepared without --grid=True")
     vocab = load_vocab(cfg.data_dir)
     train_feats, train_caps = load_split(cfg.data_dir, 'train', all_crops=True)
     val_feats, val_caps = load_split(cfg.data_dir, 'val')
@@ -174,7 +178,8 @@ def load_data(cfg, dev):
     tokens, lengths = encode_captions(train_caps, vocab)
     data = SimpleNamespace(vocab=vocab, splits=meta['splits'], feats=torch.from_numpy(train_feats).to(dev),
                            tokens=tokens.to(dev), lengths=lengths, val_feats=val_feats[:n_val],
-                           val_caps=val_caps[:5 * n_val], train_images=None, val_images=None, cnn_weights=None)
+                           val_caps=val_caps[:5 * n_val], train_images=None, val_images=None, cnn_weights=None,
+                           grid=bool(meta.get('grid')))
     if cfg.finetune:
         data.train_images = TrainingImages(cfg.data_dir, 'train')
         data.val_images = TrainingImages(cfg.data_dir, 'val')
@@ -195,6 +200,7 @@ def load_vocab(data_dir):
 
 def start_line(cfg, data, dev, world, iters_per_epoch, out_dir):
     crops = f" ({data.feats.shape[1]} crops each, one drawn per step)" if data.feats.dim() == 3 else ''
+    crops = f" ({data.feats.shape[1]} grid vectors each, pooled by {cfg.pooling})" if data.grid else crops
     line = (f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {cfg.dtype}: {len(data.tokens)} "
             f"captions, {len(data.feats)} images{crops}, {iters_per_epoch} iterations of {cfg.batch_size * world} per "
             f"epoch; validating on {len(data.val_feats)} val images; writing to {out_dir}")
