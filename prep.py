@@ -33,8 +33,8 @@ from download import SOURCES, fetch, images_there
 from features import (CNN_DIMS, CNN_GRID_DIMS, DECODERS, build_backbone, check_cnn, default_batch_size, extract_dataset,
                       extract_features, resolve_decode, resolve_dtype, setup_ranks, wait_for_all_ranks)
 from options import DEVICE, DTYPES, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
-from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, read_json,
-                   split_paths, tokenize, write_json)
+from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, normalize_grid,
+                   read_json, split_paths, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -247,28 +247,6 @@ def check_grid(cfg):
                         "leave --crops out (or --crops=1)")
     if cfg.dataset == 'synthetic':
         raise UserError("--grid=True: the synthetic set has one feature per image, no grid; leave it out")
-
-
-def normalize_grid(feats, source, block=256):
-    """(N, K, D) grid vectors -> each vector L2-normalized, as float16 (half the disk and
-    memory of float32; a unit vector's values lose nothing that matters at 3 digits). In
-    blocks of images, so that no float32 copy of the whole (COCO: 31 GB) is made. A zero vector
-    (a place where a ReLU map saw nothing) stays zero; an image whose vectors are all zero, a
-    NaN, an inf or an overflow is an error that names the image."""
-    out = np.empty(feats.shape, dtype=np.float16)
-    for start in range(0, len(feats), block):
-        x = np.asarray(feats[start:start + block], dtype=np.float32)
-        bad = ~np.isfinite(x).reshape(len(x), -1).all(1)
-        if bad.any():
-            raise UserError(f"{source}: image {start + int(bad.argmax())}: its grid holds NaN or inf; regenerate the features")
-        peaks = np.abs(x).max(-1, keepdims=True)   # scaled to the largest value first: no overflow, no underflow
-        empty = (peaks[..., 0] == 0).all(1)
-        if empty.any():
-            raise UserError(f"{source}: image {start + int(empty.argmax())}: every grid vector is zero; regenerate the features")
-        x = x / np.where(peaks == 0, 1, peaks)
-        norms = np.linalg.norm(x, axis=-1, keepdims=True)
-        out[start:start + len(x)] = x / np.where(norms == 0, 1, norms)
-    return out
 
 
 def normalize_rows(feats, source):
