@@ -207,6 +207,9 @@ def start_line(cfg, data, dev, world, iters_per_epoch, out_dir):
     skipped = [f"--{name}={getattr(cfg, name)}" for name, used in
                (('warmup_epochs', cfg.max_violation or cfg.finetune), ('lr_decay_epoch', True))
                if used and 0 < getattr(cfg, name) >= cfg.epochs]
+    if cfg.pooling != 'mean' and not data.grid:
+        line += (f"\nnote: --pooling={cfg.pooling}: {cfg.data_dir} has one feature vector per image, nothing to pool, "
+                 "so it is ignored; prepare the dataset with prep.py --grid=True to pool a grid")
     if skipped:
         line += (f"\nnote: --epochs={cfg.epochs} ends before {' and '.join(skipped)}, so the schedule's second phase "
                  "never comes; give more --epochs, or a smaller value")

@@ -41,6 +41,10 @@ def grids(tmp_path_factory):
     proc = run_here('prep', '--dataset=x', f'--data_dir={data}', f'--dataset_json={root / "dataset.json"}',
                     f'--features={root / "grid.npy"}', '--grid=True', '--vocab_threshold=1')
     assert proc.returncode == 0 and f'({K} grid vectors each)' in proc.stdout, proc.stderr
+    np.save(root / 'flat.npy', grid_features().mean(1))   # the same images, one vector each
+    proc = run_here('prep', '--dataset=x', f'--data_dir={root / "flat"}', f'--dataset_json={root / "dataset.json"}',
+                    f'--features={root / "flat.npy"}', '--vocab_threshold=1')
+    assert proc.returncode == 0, proc.stderr
     return SimpleNamespace(root=root, data=data, json=root / 'dataset.json', npy=root / 'grid.npy')
 
 
@@ -82,13 +86,14 @@ def test_gpo_weights_depend_only_on_k_and_position_and_sum_to_one():
         torch.testing.assert_close(gpo(shuffled, torch.tensor([k]))[0].detach(), want)
 
 
-def test_mean_and_gpo_of_k_copies_of_a_vector_give_its_embedding():
-    """pooling='mean' (and 'gpo', whose weights sum to 1) over K copies of one vector: that
-    vector's own embedding; padding beyond an image's length is left out."""
+@pytest.mark.parametrize('image_dropout', [0.0, 0.5])
+def test_mean_and_gpo_of_k_copies_of_a_vector_give_its_embedding(image_dropout):
+    """pooling='mean' (and 'gpo', whose weights sum to 1) over K copies of one vector, in eval
+    mode: that vector's own embedding; padding beyond an image's length is left out."""
     torch.manual_seed(0)
     vectors = torch.randn(5, DIM)
     for pooling in ('mean', 'gpo'):
-        model = make_model(DIM, 30, 8, 12, pooling=pooling, image_dropout=0.5).eval()
+        model = make_model(DIM, 30, 8, 12, pooling=pooling, image_dropout=image_dropout).eval()
         own = model.encode_images(vectors)
         copies = vectors[:, None].expand(-1, K, -1).clone()
         torch.testing.assert_close(model.encode_images(copies), own)
@@ -160,6 +165,9 @@ def test_stopped_and_resumed_gpo_run_draws_the_same(grids, tmp_path):
     assert_same_run(tmp_path / 'stopped', tmp_path / 'whole')
     plain = run_train(*args, '--size_augment=0', f'--out_dir={tmp_path / "plain"}')
     assert plain.returncode == 0, plain.stderr
+    flat = run_train(*TRAIN, f'--data_dir={grids.root / "flat"}', '--pooling=gpo', '--epochs=1',
+                     f'--out_dir={tmp_path / "flat_run"}')
+    assert flat.returncode == 0 and 'note: --pooling=gpo' in flat.stdout and 'nothing to pool' in flat.stdout, flat
     last = {name: torch.load(tmp_path / name / 'last.pt', weights_only=True) for name in ('whole', 'plain')}
     assert last['whole']['model_config']['pooling'] == 'gpo' and last['whole']['model_config']['caption_pooling'] == 'gpo'
     assert not torch.equal(last['whole']['model']['image_gpo.score.weight'], last['plain']['model']['image_gpo.score.weight'])
@@ -251,6 +259,13 @@ def test_prep_grid_from_images_resumes_and_a_gpo_model_trains_and_is_used(tmp_pa
     assert proc.returncode == 0 and 'resuming at image 2 of 8' in proc.stdout and '(49 grid vectors each)' in proc.stdout, proc
     meta = json.loads((tmp_path / 'meta.json').read_text())
     assert (meta['grid'], meta['grid_size'], meta['feature_dim'], meta['cnn']) == (True, 49, 8, 'vgg16')
+    # the raw map as --features, with the --cnn that made it: checked on the photos, recorded
+    np.save(tmp_path / 'mine.npy', np.load(raw).astype(np.float32))
+    again = run_here('prep', *args[:2], '--workers=0', '--dtype=float32', f'--data_dir={tmp_path / "again"}',
+                     f'--dataset_json={tmp_path / "dataset.json"}', f'--features={tmp_path / "mine.npy"}', '--cnn=vgg16',
+                     f'--images_dir={tmp_path / "images"}', '--vocab_threshold=1')
+    assert again.returncode == 0 and 'vgg16 makes them from the photos' in again.stdout, again
+    assert json.loads((tmp_path / 'again' / 'meta.json').read_text())['grid_size'] == 49
     train_ims = np.load(tmp_path / 'train_ims.npy')
     assert train_ims.shape == (4, 49, 8) and train_ims.dtype == np.float16
     np.testing.assert_allclose(np.linalg.norm(train_ims.astype(np.float32), axis=-1), 1, atol=2e-3)
