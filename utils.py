@@ -231,14 +231,15 @@ def normalize_grid(feats, source, block=256):
     memory of float32; a unit vector's values lose nothing that matters at 3 digits). In
     blocks of images, so that no float32 copy of the whole (COCO: 31 GB) is made. A zero vector
     (a place where a ReLU map saw nothing) stays zero; an image whose vectors are all zero, a
-    NaN, an inf or an overflow is an error that names the image."""
+    NaN or an inf is an error that names the image. Each vector is scaled to its largest value
+    before its length is taken, so that no length overflows or underflows float32."""
     out = np.empty(feats.shape, dtype=np.float16)
     for start in range(0, len(feats), block):
         x = np.asarray(feats[start:start + block], dtype=np.float32)
         bad = ~np.isfinite(x).reshape(len(x), -1).all(1)
         if bad.any():
             raise UserError(f"{source}: image {start + int(bad.argmax())}: its grid holds NaN or inf; regenerate the features")
-        peaks = np.abs(x).max(-1, keepdims=True)   # scaled to the largest value first: no overflow, no underflow
+        peaks = np.abs(x).max(-1, keepdims=True)
         empty = (peaks[..., 0] == 0).all(1)
         if empty.any():
             raise UserError(f"{source}: image {start + int(empty.argmax())}: every grid vector is zero; regenerate the features")
