@@ -33,7 +33,7 @@ from gallery import draw_image_gallery, draw_text_gallery
 from model import load_model, score_matrix
 from options import DEVICE, at_least, at_most, one_of, parse_config, pick_device, run_main
 from utils import (UNK, UserError, atomic_open, encode_images, encode_text, load_meta, load_split,
-                   mean_of_crops, read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
+                   mean_of_crops, normalize_grid, read_json, retrieval_metrics, retrieval_ranks, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'checkpoints/flickr8k'   # a folder train.py wrote
@@ -96,7 +96,8 @@ def search(model, images, captions, k=10, by='text'):
 def image_features(paths, meta, dev, model=None):
     """Image files -> the features `model` takes, computed as prep.py computed the dataset's (same
     CNN, crops, weights, decoder and dtype), rows L2-normalized; of a dataset that kept its crops,
-    the mean of the normalized crops, as load_split scores its images. Only for datasets whose
+    the mean of the normalized crops, as load_split scores its images; of a grid dataset the
+    (N, K, D) grid vectors, each normalized and rounded to float16 as prep.py stores them. Only for datasets whose
     features prep.py extracted itself. A model with a CNN of its own (fine-tuned) computes them
     with it instead (center crop)."""
     if model is not None and model.backbone is not None:
@@ -108,10 +109,14 @@ def image_features(paths, meta, dev, model=None):
     from features import build_backbone, extract_features
     # the dataset's decoder and dtype too: they agree only to rounding (older datasets: PIL, float32)
     dtype = meta.get('dtype', 'float32')
-    backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev, dtype)
+    grid = bool(meta.get('grid'))
+    backbone, _ = build_backbone(meta['cnn'], meta['weights'], dev, dtype, grid=grid)
     kept = bool(meta.get('kept_crops'))
     feats = np.asarray(extract_features(backbone, paths, meta['cnn'], meta['crops'], dev, workers=0, progress=False,
-                                        decode=meta.get('decode', 'pil'), dtype=dtype, keep_crops=kept), dtype=np.float32)
+                                        decode=meta.get('decode', 'pil'), dtype=dtype, keep_crops=kept, grid=grid),
+                       dtype=np.float32)
+    if grid:
+        return normalize_grid(feats, paths[0]).astype(np.float32)
     feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
     return mean_of_crops(feats, paths[0]) if kept else feats
 
@@ -395,8 +400,8 @@ def load_run(folder, cfg, dev):
     data_folder = cfg.data_dir or trained_data_dir(ckpt, folder)
     meta = load_meta(data_folder)
     feats, captions = load_split(data_folder, cfg.split)
-    if feats.shape[1] != ckpt['feature_dim']:
-        raise UserError(f"{data_folder}: {feats.shape[1]}-d image features, but {ckpt_path} was trained on "
+    if feats.shape[-1] != ckpt['feature_dim']:
+        raise UserError(f"{data_folder}: {feats.shape[-1]}-d image features, but {ckpt_path} was trained on "
                         f"{ckpt['feature_dim']}-d ones; evaluate on the dataset it was trained on (--data_dir)")
     files_path = os.path.join(data_folder, f"{cfg.split}_files.txt")
     files = open(files_path, encoding='utf-8').read().splitlines() if os.path.exists(files_path) else []

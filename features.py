@@ -9,7 +9,8 @@ stage), as a dataset's meta.json records them (cnn, crops, weights, decode, dtyp
     read_with_pil, read_for_torch,           reading files in DataLoader workers; a bad file
       ImageFiles                               becomes a reason, not an exception
     decode_jpegs, tensor_crops               decode='torch': a batch's JPEGs -> normalized crops
-    extract_features                         files -> (N, D) features (or (N, crops, D), keep_crops), batch by batch
+    GridOf, CNN_GRID_DIMS                    a network's last feature map as K vectors (prep.py --grid=True)
+    extract_features                         files -> (N, D) features (or (N, crops, D), keep_crops; (N, K, D), grid), batch by batch
     in_cpu_passes                            a network on a CPU in passes of 16 rows (also fine-tuning's)
     setup_ranks, wait_for_all_ranks          torchrun: processes that share an extraction
     extract_dataset                          a dataset's features into one .npy file, resumable, sharded
@@ -28,6 +29,9 @@ from options import pick_dtype
 from utils import UserError, load_tensors, read_json, write_json
 
 CNN_DIMS = {'vgg16': 4096, 'vgg19': 4096, 'resnet152': 2048, 'efficientnet_lite0': 1280}
+# The last feature map (--grid=True): VGG's conv5 after pool5, ResNet's layer4, Lite0's head; 7 x 7 at 224.
+CNN_GRID_DIMS = {'vgg16': 512, 'vgg19': 512, 'resnet152': 2048, 'efficientnet_lite0': 1280}
+GRID_SIZE = 49
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -100,8 +104,9 @@ def torchvision_backbone(cnn, weights):
     return model
 
 
-def build_backbone(cnn, weights, device, dtype='float32'):
-    """(network in eval mode mapping (B, 3, 224, 224) images to (B, D) features, D).
+def build_backbone(cnn, weights, device, dtype='float32', grid=False):
+    """(network in eval mode mapping (B, 3, 224, 224) images to (B, D) features, D); grid: to
+    its last feature map as (B, K, D) vectors instead (GridOf).
     weights: 'imagenet' (torchvision's own download and cache; for efficientnet_lite0 the
     pip package), a path to a local state_dict of the full classifier, or 'random' (only
     when asked for: the features are then meaningless, and seeded so that they repeat).
@@ -116,10 +121,33 @@ def build_backbone(cnn, weights, device, dtype='float32'):
         model.reset_classifier(0)
     else:
         model = torchvision_backbone(cnn, weights)
+    if grid:
+        model = GridOf(cnn, model)
     model = model.to(device).eval()
     if uses_channels_last(device, dtype):
         model = model.to(memory_format=torch.channels_last)
-    return model, CNN_DIMS[cnn]
+    return model, (CNN_GRID_DIMS if grid else CNN_DIMS)[cnn]
+
+
+class GridOf(torch.nn.Module):
+    """A network's last convolutional feature map, (B, D, H, W), as K = H x W vectors (B, K, D):
+    EfficientNet-Lite0's head (timm's forward_features, 1280-d), VGG's conv5 after pool5 (512-d),
+    ResNet's layer4 (2048-d); 7 x 7 at 224. The layers after it (pooling, fc6, fc7) are unused."""
+
+    def __init__(self, cnn, net):
+        super().__init__()
+        self.cnn, self.net = cnn, net
+
+    def forward(self, x):
+        if self.cnn == 'efficientnet_lite0':
+            x = self.net.forward_features(x)
+        elif self.cnn.startswith('vgg'):
+            x = self.net.features(x)
+        else:
+            net = self.net
+            for layer in (net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4):
+                x = layer(x)
+        return x.flatten(2).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- number format
@@ -375,15 +403,18 @@ def batch_crops(batch, cnn, crops, device, decode):
 
 def batch_features(backbone, x, crops, device, dtype, keep_crops=False):
     """(B * crops, 3, 224, 224) -> (B, D) float32 features on their way to the CPU, the mean over
-    each image's crops (keep_crops: (B, crops, D), each crop's own), and a CUDA event that says
-    when the copy has landed (None elsewhere). dtype 'bfloat16': autocast; channels_last with it
-    and on CUDA."""
+    each image's crops (keep_crops: (B, crops, D), each crop's own; a GridOf backbone: (B, K, D),
+    one crop), and a CUDA event that says when the copy has landed (None elsewhere). dtype
+    'bfloat16': autocast; channels_last with it and on CUDA."""
     if uses_channels_last(device, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
         f = in_cpu_passes(backbone, x)
-    f = f.float().reshape(len(x) // crops, crops, -1)
-    f = (f if keep_crops else f.mean(1)).to('cpu', non_blocking=True)
+    if f.dim() == 3:   # grid vectors (B, K, D) of one crop each
+        f = f.float().to('cpu', non_blocking=True)
+    else:
+        f = f.float().reshape(len(x) // crops, crops, -1)
+        f = (f if keep_crops else f.mean(1)).to('cpu', non_blocking=True)
     ready = torch.cuda.Event() if device.type == 'cuda' else None
     if ready is not None:
         ready.record()
@@ -407,13 +438,14 @@ def store_batch(out, n, row, f, reasons, ready):
 
 @torch.no_grad()
 def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers=4, out=None, start=0,
-                     progress=True, bad=None, on_batch=None, decode='pil', dtype='float32', keep_crops=False):
+                     progress=True, bad=None, on_batch=None, decode='pil', dtype='float32', keep_crops=False, grid=False):
     """Features of the images at `paths`, (N, D) float32, raw (not L2-normalized).
     Rows before `start` are taken as done (already in `out`, an (N, D) array such as an
     np.lib.format.open_memmap, written batch by batch). on_batch(rows_done) is called after
     each batch, for a progress record. An unreadable image raises UserError, unless `bad` is
     a list: then (index, path, reason) is appended to it and its row stays zero.
-    10 crops: the mean of the crops' features; keep_crops: each crop's, (N, crops, D).
+    10 crops: the mean of the crops' features; keep_crops: each crop's, (N, crops, D); grid (a
+    GridOf backbone, one crop): (N, K, D).
     decode: 'pil', 'torch' or 'auto' (see DECODERS). dtype: 'float32', 'bfloat16' or 'auto' (see resolve_dtype); the backbone built for it."""
     from tqdm import tqdm
     n = len(paths)
@@ -440,10 +472,12 @@ def extract_features(backbone, paths, cnn, crops, device, batch_size=16, workers
             row += len(reasons)
         if pending is not None:
             out = finish_batch(out, n, pending, bar, on_batch)
-    return np.zeros(feature_shape(n, cnn, crops, keep_crops), dtype=np.float32) if out is None else out
+    return np.zeros(feature_shape(n, cnn, crops, keep_crops, grid), dtype=np.float32) if out is None else out
 
 
-def feature_shape(n, cnn, crops, keep_crops):
+def feature_shape(n, cnn, crops, keep_crops, grid=False):
+    if grid:
+        return (n, GRID_SIZE, CNN_GRID_DIMS[cnn])
     return (n, crops, CNN_DIMS[cnn]) if keep_crops else (n, CNN_DIMS[cnn])
 
 
@@ -500,11 +534,11 @@ def resume_point(feats_path, job, rank, world, rows):
     return same_job, rows[0], []
 
 
-def start_features_file(feats_path, job, shape):
+def start_features_file(feats_path, job, shape, dtype=np.float32):
     """A new, zero features file and its job record, the old progress records removed."""
     for old in glob.glob(glob.escape(feats_path) + '.progress*.json'):
         os.remove(old)
-    np.lib.format.open_memmap(feats_path, mode='w+', dtype=np.float32, shape=shape).flush()
+    np.lib.format.open_memmap(feats_path, mode='w+', dtype=dtype, shape=shape).flush()
     write_json(feats_path + '.job.json', job)
 
 
@@ -515,9 +549,10 @@ def write_progress(out, progress_path, job, rows, bad, done):
 
 
 def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, dtype, batch_size, workers, device,
-                    rank=0, world=1, keep_crops=False):
+                    rank=0, world=1, keep_crops=False, grid=False):
     """Features of images_dir/<file> for every file into feats_path (an (N, D) float32 .npy;
-    keep_crops: (N, crops, D), every crop's), batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
+    keep_crops: (N, crops, D), every crop's; grid: the last feature map, (N, K, D) float16, 49 x
+    1280 values an image for Lite0, so half the disk), batch by batch, resuming a run that was interrupted. decode: 'pil' or 'torch', dtype:
     'float32' or 'bfloat16' (both resolved).
     Returns (features, bad) where bad lists (index, path, reason) of the unreadable images.
     Under torchrun each rank fills its own shard of rows and only rank 0 returns the result,
@@ -530,12 +565,15 @@ def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, 
            'images': n, 'files': hashlib.sha256('\n'.join(files).encode()).hexdigest()}
     if keep_crops:  # only then: the records of extractions that keep none stay as they were written
         job['keep_crops'] = True
+    if grid:
+        job['grid'] = True
     lo, hi = shard_rows(n, batch_size, rank, world)
     same_job, start, bad = resume_point(feats_path, job, rank, world, (lo, hi))
-    backbone = build_backbone(cnn, weights, device, dtype)[0] if start < hi else None  # fails before any file is written
+    backbone = build_backbone(cnn, weights, device, dtype, grid=grid)[0] if start < hi else None  # fails before any file is written
     wait_for_all_ranks()  # every rank has judged the old files before rank 0 replaces them
     if rank == 0 and not same_job:
-        start_features_file(feats_path, job, feature_shape(n, cnn, crops, keep_crops))
+        start_features_file(feats_path, job, feature_shape(n, cnn, crops, keep_crops, grid),
+                            np.float16 if grid else np.float32)
     wait_for_all_ranks()
     out = np.lib.format.open_memmap(feats_path, mode='r+')
     if start > lo and start < hi:
@@ -545,7 +583,7 @@ def extract_dataset(images_dir, files, feats_path, cnn, crops, weights, decode, 
     if backbone is not None:
         extract_features(backbone, paths[:hi], cnn, crops, device, batch_size=batch_size, workers=workers, out=out,
                          start=start, bad=bad, on_batch=record, progress=rank == 0, decode=decode, dtype=dtype,
-                         keep_crops=keep_crops)
+                         keep_crops=keep_crops, grid=grid)
     wait_for_all_ranks()
     if rank != 0:
         return None, None

@@ -5,6 +5,7 @@
     python prep.py --dataset=coco --images_dir=/data/coco --dataset_json=dataset_coco.json
     python prep.py --dataset=coco --features=feats.npy      # your own (N, D) features, or (N, C, D): C crops per image
     python prep.py --crops=10 --keep_crops=True             # every crop's features, (N, 10, D): one drawn per training step
+    python prep.py --cnn=efficientnet_lite0 --grid=True     # the CNN's last feature map, (N, 49, 1280): train.py pools it
     python prep.py --dataset=synthetic                      # offline, seconds; for trying things out
 
 Features come from, in order: --features=PATH.npy; Karpathy's vgg_feats.mat in data_dir; else
@@ -12,7 +13,8 @@ they are extracted from the images (--cnn, --crops, --weights) into data_dir/fea
 batch by batch, so that an interrupted run continues where it stopped.
 
 Writes into data_dir, for each split (train, val, test): <split>_ims.npy (float32, rows
-L2-normalized; with kept crops (N, C, D), each crop L2-normalized), <split>_caps.txt (5 captions
+L2-normalized; with kept crops (N, C, D), each crop L2-normalized; with --grid=True (N, K, D)
+float16, each grid vector L2-normalized), <split>_caps.txt (5 captions
 per image, image i owns lines 5i..5i+4), <split>_files.txt (image file names); then vocab.json
 (train captions only) and meta.json, last, so that a dataset with a meta.json is complete.
 """
@@ -28,11 +30,11 @@ import numpy as np
 import torch
 
 from download import SOURCES, fetch, images_there
-from features import (CNN_DIMS, DECODERS, build_backbone, check_cnn, default_batch_size, extract_dataset,
+from features import (CNN_DIMS, CNN_GRID_DIMS, DECODERS, build_backbone, check_cnn, default_batch_size, extract_dataset,
                       extract_features, resolve_decode, resolve_dtype, setup_ranks, wait_for_all_ranks)
 from options import DEVICE, DTYPES, FOLDER, SEED, at_least, one_of, parse_config, pick_device, run_main
-from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, read_json,
-                   split_paths, tokenize, write_json)
+from utils import (CAPS_PER_IMAGE, PAD, UNK, FolderLock, UserError, atomic_open, check_real_numbers, normalize_grid,
+                   read_json, split_paths, tokenize, write_json)
 
 # ----------------------------------------------------------------------------- config
 dataset = 'flickr8k'      # flickr8k | flickr30k | coco | synthetic | any name with a dataset.json
@@ -44,6 +46,7 @@ mirror = ''               # flickr8k, flickr30k, coco: fetch every file by its n
 cnn = 'vgg16'             # feature extractor: vgg16 | vgg19 | resnet152 | efficientnet_lite0 (pip extra)
 crops = 1                 # 1: resize 256, center crop 224; 10: mean over the 10 crops (the paper's)
 keep_crops = False        # with 10 crops (or --features of an (N, C, D) array): store every crop's features, (N, C, D), not their mean
+grid = False              # keep the CNN's last feature map as K vectors per image, (N, K, D) float16, for train.py's --pooling (one crop); or --features' (N, K, D) array read as such
 weights = 'imagenet'      # imagenet (downloaded and cached by torchvision) | PATH to a state_dict | random (tests only)
 batch_size = 0            # images per forward pass; 0: 256 on CUDA, 16 otherwise
 workers = min(8, os.cpu_count() or 1)  # processes reading (and with pil decoding) images alongside the network, at most one per core
@@ -173,7 +176,9 @@ def read_mat_features(path, n_images):
 
 
 def read_npy_features(cfg, path, n_images):
-    """--features: (N, D), or (N, C, D) for C crops per image (as many as --crops, if given)."""
+    """--features: (N, D), or (N, C, D) for C crops per image (as many as --crops, if given);
+    with --grid=True (N, K, D), K grid vectors per image, kept as they are (memory-mapped:
+    normalize_grid reads them in blocks)."""
     try:
         feats = np.load(path, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -184,6 +189,11 @@ def read_npy_features(cfg, path, n_images):
     if feats.ndim not in (2, 3) or feats.shape[0] != n_images:
         raise UserError(f"{path}: shape {feats.shape}, expected ({n_images}, D): one row per image of the dataset json, "
                         f"in order (or ({n_images}, C, D): C crops per image)")
+    if cfg.grid and (feats.ndim != 3 or feats.shape[1] < 1 or feats.shape[2] < 1):
+        raise UserError(f"{path}: shape {feats.shape}, but --grid=True reads grid vectors: expected ({n_images}, K, D), "
+                        "K vectors of D values per image; leave --grid out for one feature per image")
+    if cfg.grid:
+        return feats
     if feats.ndim == 3 and feats.shape[1] < 1:
         raise UserError(f"{path}: shape {feats.shape}: no crops per image; expected ({n_images}, C, D) with C at least 1")
     if feats.ndim == 3 and 'crops' in cfg.given and feats.shape[1] != cfg.crops:
@@ -194,7 +204,10 @@ def read_npy_features(cfg, path, n_images):
 
 def npy_crops(cfg, feats, meta):
     """--features as they are prepared: (N, D) as they are; (N, C, D) kept with --keep_crops,
-    else each image's mean crop (as --crops=10 makes it). Returns (features, meta)."""
+    else each image's mean crop (as --crops=10 makes it); with --grid=True (N, K, D) grid vectors
+    as they are. Returns (features, meta)."""
+    if cfg.grid:
+        return feats, {**meta, 'grid': True, 'grid_size': int(feats.shape[1])}
     if feats.ndim == 2:
         if cfg.keep_crops:
             raise UserError(f"--keep_crops=True: {cfg.features} holds one feature per image, shape {feats.shape}; "
@@ -218,6 +231,22 @@ def check_keep_crops(cfg):
     if cfg.keep_crops and cfg.crops == 1 and not cfg.features:
         raise UserError("--keep_crops=True: --crops=1 is one crop per image, nothing to keep apart; pass --crops=10 "
                         "(or --features= of an (N, C, D) array)")
+
+
+def check_grid(cfg):
+    """--grid=True: the grid of one crop, from a CNN or an (N, K, D) --features array, said before
+    any work. Kept crops are C views of an image, one drawn per step; grid vectors are the parts
+    of one view, all pooled together: a dataset is one or the other."""
+    if not cfg.grid:
+        return
+    if cfg.keep_crops:
+        raise UserError("--grid=True with --keep_crops=True: kept crops are not grid vectors (a step draws one crop; "
+                        "the model pools all the grid vectors); give one of the two")
+    if cfg.crops != 1:
+        raise UserError(f"--grid=True with --crops={cfg.crops}: the grid is the feature map of the center crop; "
+                        "leave --crops out (or --crops=1)")
+    if cfg.dataset == 'synthetic':
+        raise UserError("--grid=True: the synthetic set has one feature per image, no grid; leave it out")
 
 
 def normalize_rows(feats, source):
@@ -266,7 +295,7 @@ def write_prepared(cfg, out_dir, images, feats, meta):
     then move it into out_dir, meta.json last (its presence marks a complete dataset). A failure
     or a kill while writing (a full disk, a bad input, Ctrl-C) leaves a previously prepared
     dataset in out_dir as it was."""
-    feats = normalize_rows(feats, meta['source'])
+    feats = normalize_grid(feats, meta['source']) if meta.get('grid') else normalize_rows(feats, meta['source'])
     staging = os.path.join(out_dir, '.prep-staging')
     shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
     try:
@@ -325,8 +354,10 @@ def write_staged(cfg, staging, images, feats, meta):
 
 
 def recorded_options(cfg):
-    """The options meta.json records: those that decide what prep.py writes."""
-    return {k: getattr(cfg, k) for k in CONFIG_KEYS if k not in ('force', 'device', 'workers', 'batch_size')}
+    """The options meta.json records: those that decide what prep.py writes. --grid only when
+    given: a dataset prepared before it existed is still 'prepared with these options'."""
+    return {k: getattr(cfg, k) for k in CONFIG_KEYS
+            if k not in ('force', 'device', 'workers', 'batch_size') and not (k == 'grid' and not cfg.grid)}
 
 
 def prepared_with(out_dir):
@@ -393,10 +424,12 @@ def image_features(cfg, images, out_dir, rank=0, world=1):
     if dev.type == 'cuda' and world > 1:
         dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     decoder, precision = resolve_decode(cfg.decode, dev), resolve_dtype(cfg.dtype, dev, cfg.cnn)
-    feats_path = os.path.join(out_dir, f"features_{cfg.cnn}_{cfg.crops}crop{'_kept' if cfg.keep_crops else ''}.npy")
+    kind = '_kept' if cfg.keep_crops else '_grid' if cfg.grid else ''
+    feats_path = os.path.join(out_dir, f"features_{cfg.cnn}_{cfg.crops}crop{kind}.npy")
     feats, bad = extract_dataset(folder, [im['file'] for im in images], feats_path, cnn=cfg.cnn, crops=cfg.crops, weights=cfg.weights,
                                  decode=decoder, dtype=precision, batch_size=cfg.batch_size or default_batch_size(dev),
-                                 workers=cfg.workers, device=dev, rank=rank, world=world, keep_crops=cfg.keep_crops)
+                                 workers=cfg.workers, device=dev, rank=rank, world=world, keep_crops=cfg.keep_crops,
+                                 grid=cfg.grid)
     if rank != 0:
         return None, None, None
     if bad and not cfg.skip_bad:
@@ -416,14 +449,20 @@ def features_network(cfg, images, feats, crops, out_dir, checked=8):
     folder = find_images(cfg, images, out_dir)
     dev = pick_device(cfg.device)
     decoder, precision = resolve_decode(cfg.decode, dev), resolve_dtype(cfg.dtype, dev, cfg.cnn)
-    if feats.shape[-1] != CNN_DIMS[cfg.cnn]:
+    dims = CNN_GRID_DIMS if cfg.grid else CNN_DIMS
+    if feats.shape[-1] != dims[cfg.cnn]:
         raise UserError(f"--features={cfg.features}: {feats.shape[-1]}-d features, but --cnn={cfg.cnn} gives "
-                        f"{CNN_DIMS[cfg.cnn]}-d ones; give the --cnn that made them, or leave --cnn out")
+                        f"{dims[cfg.cnn]}-d ones{' (its grid)' if cfg.grid else ''}; give the --cnn that made them, or leave --cnn out")
     rows = np.unique(np.linspace(0, len(images) - 1, checked).round().astype(int))
-    backbone, _ = build_backbone(cfg.cnn, cfg.weights, dev, precision)
+    backbone, _ = build_backbone(cfg.cnn, cfg.weights, dev, precision, grid=cfg.grid)
     made = extract_features(backbone, [os.path.join(folder, images[i]['file']) for i in rows], cfg.cnn, crops, dev,
-                            workers=0, progress=False, decode=decoder, dtype=precision)
-    given = feats[rows].mean(1) if feats.ndim == 3 else feats[rows]
+                            workers=0, progress=False, decode=decoder, dtype=precision, grid=cfg.grid)
+    if cfg.grid and made.shape[1:] != feats.shape[1:]:
+        raise UserError(f"--features={cfg.features}: {feats.shape[1]} grid vectors per image, but --cnn={cfg.cnn} makes "
+                        f"{made.shape[1]}; give the --cnn that made them, or leave --cnn out")
+    # a grid is compared whole: its vectors flattened into one
+    given = feats[rows].reshape(len(rows), -1) if cfg.grid else feats[rows].mean(1) if feats.ndim == 3 else feats[rows]
+    made = made.reshape(len(rows), -1)
     unit = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-30)  # noqa: E731
     pairs = unit(made) @ unit(given).T
     cosines = pairs.diagonal()
@@ -537,6 +576,7 @@ def to_karpathy_json(images, name):
 def main(argv):
     cfg = parse_config({k: globals()[k] for k in CONFIG_KEYS}, argv, OPTION_RULES)
     cfg.given = {arg[2:].split('=', 1)[0] for arg in argv if arg.startswith('--')}  # --crops is checked against an (N, C, D) array only if given
+    check_grid(cfg)
     check_keep_crops(cfg)
     out_dir = cfg.data_dir or os.path.join('data', cfg.dataset)
     if not cfg.force and prepared_with(out_dir) == recorded_options(cfg):
@@ -576,6 +616,7 @@ def prepare(cfg, out_dir, rank, world):
     meta = write_prepared(cfg, out_dir, images, feats, meta)
     counts = ', '.join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in meta['splits'].items())
     kept = f" ({meta['crops']} crops each, kept)" if meta.get('kept_crops') else ''
+    kept = f" ({meta['grid_size']} grid vectors each)" if meta.get('grid') else kept
     print(f"prepared {out_dir}: {counts}; {meta['feature_dim']}-d features{kept}; vocabulary {meta['vocab_size']} words")
 
 
@@ -601,6 +642,9 @@ def dataset_from_files(cfg, out_dir, rank, world):
     if cfg.keep_crops and not cfg.features and os.path.exists(mat_path):
         raise UserError(f"{mat_path}: Karpathy's features, one per image, come before the images, so --keep_crops=True has "
                         f"no crops to keep; move the file out of {out_dir} to extract the crops from the images")
+    if cfg.grid and not cfg.features and os.path.exists(mat_path):
+        raise UserError(f"{mat_path}: Karpathy's features, one per image, come before the images, so --grid=True has "
+                        f"no grid to keep; move the file out of {out_dir} to extract the grid from the images")
     if rank != 0 and (cfg.features or os.path.exists(mat_path)):
         return None, None, None
     if cfg.features:
@@ -616,6 +660,8 @@ def dataset_from_files(cfg, out_dir, rank, world):
     meta.update(extraction, source=extraction['features_file'], cnn=cfg.cnn, crops=cfg.crops, weights=cfg.weights)
     if cfg.keep_crops:
         meta['kept_crops'] = True
+    if cfg.grid:
+        meta.update(grid=True, grid_size=int(feats.shape[1]))
     if cfg.weights == 'random':
         meta['warning'] = 'features of an untrained network (--weights=random): for tests only'
     if bad:

@@ -41,6 +41,9 @@ learning_rate = 1e-3      # Adam; 0 = the weights stay as initialized (a chance-
 lr_decay_epoch = 7        # multiply the learning rate by 0.1 from this epoch on (VSE++: 15 of 30); 0 = never
 word_dropout = 0.0        # dropout on the word vectors while training (against overfitting; docs/recipe.md)
 image_dropout = 0.5       # dropout on the image features while training (the default's main defence against overfitting)
+pooling = 'mean'          # a dataset of grid vectors (prep.py --grid=True): each vector mapped, then 'mean' or 'gpo' (VSE∞) pools them
+caption_pooling = 'last'  # 'last': the GRU's state at the last word; 'gpo': GPO over a bidirectional GRU's word states
+size_augment = 0.0        # while training, drop this fraction of each image's grid vectors and of each caption's words (VSE∞: 0.2); at least one kept
 weight_decay = 0.0        # decoupled (AdamW): each step also multiplies the weights by 1 - lr * weight_decay; 0 = off
 grad_clip = 2.0           # clip the gradient's global norm to this; 0 = no clipping
 epochs = 13               # passes over the train captions (docs/recipe.md: the defaults were chosen on Flickr8k val)
@@ -71,6 +74,7 @@ OPTION_RULES = {
     'learning_rate': non_negative('the weights stay as initialized'),
     'lr_decay_epoch': at_least(0),
     'word_dropout': probability(), 'image_dropout': probability(),
+    'pooling': one_of('mean', 'gpo'), 'caption_pooling': one_of('last', 'gpo'), 'size_augment': probability(),
     'weight_decay': non_negative('off'),
     'grad_clip': non_negative('no clipping'),
     'epochs': at_most(100000, at_least(1)),
@@ -114,7 +118,8 @@ def main(argv):
                 for b in range(start, iters_per_epoch):
                     idx = order[b * global_batch:(b + 1) * global_batch]
                     share = len(idx) // world   # each rank's part of the global batch (cut to a multiple of world)
-                    batch = get_batch(data, idx[rank * share:(rank + 1) * share], pixels, run.iteration, cfg.seed)
+                    batch = get_batch(data, idx[rank * share:(rank + 1) * share], pixels, run.iteration, cfg.seed,
+                                      cfg.size_augment)
                     run.record(*train_step(model, optimizer, *batch, cfg, hardest))
                     bar.update(1)
                     if run.iteration % cfg.log_interval == 0 or b == iters_per_epoch - 1:
@@ -150,14 +155,19 @@ def model_config(cfg, data):
     return ModelConfig(feature_dim=data.feats.shape[-1], vocab_size=len(data.vocab), word_dim=cfg.word_dim,
                        embed_dim=cfg.embed_dim, measure=cfg.measure, word_dropout=cfg.word_dropout,
                        image_dropout=cfg.image_dropout, cnn=data.train_images.cnn if cfg.finetune else '',
-                       cnn_frozen_stages=cfg.cnn_frozen_stages if cfg.finetune else 0)
+                       cnn_frozen_stages=cfg.cnn_frozen_stages if cfg.finetune else 0, pooling=cfg.pooling,
+                       caption_pooling=cfg.caption_pooling)
 
 
 def load_data(cfg, dev):
     """The training split on the device (a batch is an index into it; kept crops stay (N, C, D),
-    step_features draws from them) and the val split (kept crops as their mean, load_split);
-    with --finetune=True, the image files of both, checked, and the CNN's starting weights."""
+    step_features draws from them; grid vectors stay (N, K, D), the model pools them all) and the
+    val split (kept crops as their mean, grids as they are, load_split); with --finetune=True,
+    the image files of both, checked, and the CNN's starting weights."""
     meta = load_meta(cfg.data_dir)
+    if cfg.finetune and meta.get('grid'):
+        raise UserError(f"--finetune=True: {cfg.data_dir} holds grid vectors, and fine-tuning trains the CNN's pooled "
+                        "vector, not its map, for now; fine-tune on a dataset prepared without --grid=True")
     vocab = load_vocab(cfg.data_dir)
     train_feats, train_caps = load_split(cfg.data_dir, 'train', all_crops=True)
     val_feats, val_caps = load_split(cfg.data_dir, 'val')
@@ -168,7 +178,8 @@ def load_data(cfg, dev):
     tokens, lengths = encode_captions(train_caps, vocab)
     data = SimpleNamespace(vocab=vocab, splits=meta['splits'], feats=torch.from_numpy(train_feats).to(dev),
                            tokens=tokens.to(dev), lengths=lengths, val_feats=val_feats[:n_val],
-                           val_caps=val_caps[:5 * n_val], train_images=None, val_images=None, cnn_weights=None)
+                           val_caps=val_caps[:5 * n_val], train_images=None, val_images=None, cnn_weights=None,
+                           grid=bool(meta.get('grid')))
     if cfg.finetune:
         data.train_images = TrainingImages(cfg.data_dir, 'train')
         data.val_images = TrainingImages(cfg.data_dir, 'val')
@@ -189,12 +200,16 @@ def load_vocab(data_dir):
 
 def start_line(cfg, data, dev, world, iters_per_epoch, out_dir):
     crops = f" ({data.feats.shape[1]} crops each, one drawn per step)" if data.feats.dim() == 3 else ''
+    crops = f" ({data.feats.shape[1]} grid vectors each, pooled by {cfg.pooling})" if data.grid else crops
     line = (f"training on {dev}{f' x {world} processes' if world > 1 else ''} in {cfg.dtype}: {len(data.tokens)} "
             f"captions, {len(data.feats)} images{crops}, {iters_per_epoch} iterations of {cfg.batch_size * world} per "
             f"epoch; validating on {len(data.val_feats)} val images; writing to {out_dir}")
     skipped = [f"--{name}={getattr(cfg, name)}" for name, used in
                (('warmup_epochs', cfg.max_violation or cfg.finetune), ('lr_decay_epoch', True))
                if used and 0 < getattr(cfg, name) >= cfg.epochs]
+    if cfg.pooling != 'mean' and not data.grid:
+        line += (f"\nnote: --pooling={cfg.pooling}: {cfg.data_dir} has one feature vector per image, nothing to pool, "
+                 "so it is ignored; prepare the dataset with prep.py --grid=True to pool a grid")
     if skipped:
         line += (f"\nnote: --epochs={cfg.epochs} ends before {' and '.join(skipped)}, so the schedule's second phase "
                  "never comes; give more --epochs, or a smaller value")
@@ -237,11 +252,13 @@ def epoch_pixels(data, cfg, order, epoch, start, global_batch, rank, world, dev)
                          rank, world, cfg.workers, pin_memory=dev.type == 'cuda')
 
 
-def get_batch(data, idx, pixels, iteration, seed):
-    """(images, tokens, lengths) of the captions idx (a CPU index) on the device, longest caption
-    first (the GRU's packing then needs no sort on the device; the loss is a sum over all pairs,
-    so the order of a batch does not change it). images: the prepared features of each caption's
-    image, or, from `pixels` (the CNN trains), the next batch of augmented images."""
+def get_batch(data, idx, pixels, iteration, seed, size_augment=0.0):
+    """(images, image_lengths, tokens, lengths) of the captions idx (a CPU index) on the device,
+    longest caption first (the GRU's packing then needs no sort on the device; the loss is a sum
+    over all pairs, so the order of a batch does not change it). images: the prepared features of
+    each caption's image (of a grid dataset all its vectors, (B, K, D)), or, from `pixels` (the CNN
+    trains), the next batch of augmented images. image_lengths: None (every vector), or with
+    size_augment how many of each image's grid vectors were kept (drop_for_size)."""
     dev = data.tokens.device
     order = data.lengths[idx].argsort(descending=True, stable=True)
     idx = idx[order]
@@ -249,31 +266,71 @@ def get_batch(data, idx, pixels, iteration, seed):
     idx_dev = idx.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else idx.to(dev)
     lengths = data.lengths[idx]
     if pixels is None:
-        images = step_features(data.feats, iteration, seed)[idx_dev // 5]
+        # grid vectors are all the model's (it pools them); of kept crops a step draws one.
+        # getattr: the data of tests and bench.py, made by hand, hold no grids
+        feats = data.feats if getattr(data, 'grid', False) else step_features(data.feats, iteration, seed)
+        images = feats[idx_dev // 5]
     else:
         x, image_ids = next(pixels)
         if not torch.equal(image_ids[order], idx // 5):
             raise RuntimeError("the image batches are out of step with the captions")
         images = x.to(dev, non_blocking=True)[order.to(dev)]  # from the loader's pinned memory, then reordered
-    return images, data.tokens[idx_dev, :int(lengths.max())], lengths
+    tokens = data.tokens[idx_dev, :int(lengths.max())]
+    if size_augment:
+        return drop_for_size(images, tokens, lengths, size_augment, iteration, seed)
+    return images, None, tokens, lengths
 
 
-def batch_loss(model, images, tokens, lengths, cfg, hardest):
+def drop_for_size(images, tokens, lengths, fraction, iteration, seed):
+    """Size augmentation (VSE∞): each grid vector of each image ((B, K, D) images; one vector
+    per image has none to drop) and each word of each caption is dropped with probability
+    `fraction`, at least one of each kept (the one with the largest draw), so that the pooling
+    meets sets of many sizes. The kept ones move to the front, in their order, padding after.
+    Drawn on the CPU from (seed, iteration) alone, as the crops are, so that a resumed run drops
+    exactly what an uninterrupted one would, on any device. Returns (images, image_lengths or
+    None, tokens, lengths); the captions are no longer sorted by length (packing sorts them)."""
+    generator = torch.Generator().manual_seed(mix32(mix32(iteration ^ mix32(seed)) ^ SIZE_AUGMENT_STREAM))
+    image_lengths = None
+    if images.dim() == 3:
+        full = torch.full((len(images),), images.shape[1], dtype=torch.long)
+        where, image_lengths = kept_first(full, images.shape[1], fraction, generator)
+        where = where.to(images.device, non_blocking=True)
+        images = images.gather(1, where[..., None].expand(-1, -1, images.shape[2]))
+    where, lengths = kept_first(lengths, tokens.shape[1], fraction, generator)
+    tokens = tokens.gather(1, where.to(tokens.device, non_blocking=True))[:, :int(lengths.max())]
+    padding = torch.arange(tokens.shape[1]) >= lengths[:, None]
+    return images, image_lengths, tokens.masked_fill(padding.to(tokens.device), 0), lengths
+
+
+SIZE_AUGMENT_STREAM = 0x5A17E   # keeps the size draws' generators apart from the crop draws' (same seed, iteration)
+
+
+def kept_first(lengths, width, fraction, generator):
+    """Which of each row's first lengths[b] items survive a drop with probability `fraction`
+    (at least one: the largest draw): (an index (B, width) that puts them first, in their order,
+    the rest after; how many each row keeps (B,)). On the CPU."""
+    draws = torch.rand(len(lengths), width, generator=generator)
+    draws = draws.masked_fill(torch.arange(width) >= lengths[:, None], -1.0)   # padding is never kept
+    keep = (draws >= fraction) | (draws == draws.max(1, keepdim=True).values)
+    return (~keep).to(torch.uint8).argsort(dim=1, stable=True), keep.sum(1)
+
+
+def batch_loss(model, images, image_lengths, tokens, lengths, cfg, hardest):
     """The contrastive loss of a batch (images and their captions, get_batch), over the whole
     global batch under torchrun. Under bfloat16 only the encoders' matrix products and the GRU run
     in bfloat16: the embeddings come out normalized in float32, and scores and loss are float32
     (the order penalty is a sum of squares of small differences that bfloat16 would round away)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == 'bfloat16'):
-        image_emb = model.encode_images(images)
+        image_emb = model.encode_images(images, image_lengths)
         caption_emb = model.encode_captions(tokens, lengths)
     return contrastive_loss(model.scores(gather(image_emb), gather(caption_emb)), cfg.margin, hardest)
 
 
-def train_step(model, optimizer, images, tokens, lengths, cfg, hardest):
+def train_step(model, optimizer, images, image_lengths, tokens, lengths, cfg, hardest):
     """One step: batch_loss, backward, gradients averaged over ranks, clip, Adam. Returns the
     loss and the gradient norm before clipping as device tensors, so that the loop never waits
     for the device."""
-    loss = batch_loss(model, images, tokens, lengths, cfg, hardest)
+    loss = batch_loss(model, images, image_lengths, tokens, lengths, cfg, hardest)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(model)

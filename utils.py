@@ -157,7 +157,7 @@ def read_json(path, what='file'):
 
 def split_paths(data_dir, split):
     """The files prep.py writes for one split."""
-    return (os.path.join(data_dir, f'{split}_ims.npy'),    # float32 (N, D) or kept crops (N, C, D), rows L2-normalized
+    return (os.path.join(data_dir, f'{split}_ims.npy'),    # float32 (N, D), kept crops (N, C, D) or float16 grids (N, K, D), rows L2-normalized
             os.path.join(data_dir, f'{split}_caps.txt'))   # 5N lines of space-separated tokens
 
 
@@ -176,7 +176,9 @@ def load_meta(data_dir):
 def load_split(data_dir, split, all_crops=False):
     """(features float32 (N, D), captions list of 5N token strings) of a prepared split. Of a
     dataset that kept each image's crops (meta.json kept_crops): with all_crops the (N, C, D)
-    array as it is, else the mean of each image's crops, re-normalized (mean_of_crops)."""
+    array as it is, else the mean of each image's crops, re-normalized (mean_of_crops). Of a
+    grid dataset (meta.json grid): the (N, K, D) grid vectors, each L2-normalized as prep.py
+    wrote them (zero where the CNN's map was zero), as float32, always: the model pools them."""
     meta = load_meta(data_dir)
     if split not in meta['splits']:
         raise UserError(f"{data_dir}: split {split!r} was not prepared (its dataset json has no such images); "
@@ -191,7 +193,12 @@ def load_split(data_dir, split, all_crops=False):
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{data_dir}: cannot read split {split!r} ({e}); {again}") from None
     check_real_numbers(feats, ims_path, again)
+    if meta.get('grid') and (meta.get('kept_crops') or not isinstance(meta.get('grid_size'), int)):
+        raise UserError(f"{os.path.join(data_dir, 'meta.json')}: says grid vectors but "
+                        f"{'also kept crops' if meta.get('kept_crops') else 'no grid_size'}; {again}")
     shape = ('images', meta.get('crops'), meta['feature_dim']) if meta.get('kept_crops') else ('images', meta['feature_dim'])
+    if meta.get('grid'):
+        shape = ('images', meta['grid_size'], meta['feature_dim'])
     if feats.ndim != len(shape) or feats.shape[1:] != shape[1:]:
         raise UserError(f"{ims_path}: shape {feats.shape}, expected ({', '.join(map(str, shape))}) as meta.json says; {again}")
     if len(captions) != CAPS_PER_IMAGE * len(feats):
@@ -203,7 +210,7 @@ def load_split(data_dir, split, all_crops=False):
     bad = first_nonfinite_row(feats)
     if bad is not None:
         raise UserError(f"{ims_path}: row {bad} holds NaN or inf; {again}")
-    if feats.ndim == 3 and not all_crops:
+    if feats.ndim == 3 and not all_crops and not meta.get('grid'):
         feats = mean_of_crops(feats, ims_path)
     return feats, captions
 
@@ -217,6 +224,29 @@ def mean_of_crops(feats, source):
         raise UserError(f"{source}: image {int((norms[:, 0] == 0).argmax())}: its crops cancel out (their mean is zero); "
                         "check the features")
     return mean / norms
+
+
+def normalize_grid(feats, source, block=256):
+    """(N, K, D) grid vectors -> each vector L2-normalized, as float16 (half the disk and
+    memory of float32; a unit vector's values lose nothing that matters at 3 digits). In
+    blocks of images, so that no float32 copy of the whole (COCO: 31 GB) is made. A zero vector
+    (a place where a ReLU map saw nothing) stays zero; an image whose vectors are all zero, a
+    NaN or an inf is an error that names the image. Each vector is scaled to its largest value
+    before its length is taken, so that no length overflows or underflows float32."""
+    out = np.empty(feats.shape, dtype=np.float16)
+    for start in range(0, len(feats), block):
+        x = np.asarray(feats[start:start + block], dtype=np.float32)
+        bad = ~np.isfinite(x).reshape(len(x), -1).all(1)
+        if bad.any():
+            raise UserError(f"{source}: image {start + int(bad.argmax())}: its grid holds NaN or inf; regenerate the features")
+        peaks = np.abs(x).max(-1, keepdims=True)
+        empty = (peaks[..., 0] == 0).all(1)
+        if empty.any():
+            raise UserError(f"{source}: image {start + int(empty.argmax())}: every grid vector is zero; regenerate the features")
+        x = x / np.where(peaks == 0, 1, peaks)
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+        out[start:start + len(x)] = x / np.where(norms == 0, 1, norms)
+    return out
 
 
 def check_real_numbers(array, path, advice):
@@ -307,9 +337,13 @@ def encode_text(model, vocab, texts, tokenized=False, batch_size=1024):
 
 @torch.no_grad()
 def encode_images(model, feats, batch_size=1024):
-    """Image features (N, D), rows L2-normalized as prep.py writes them -> embeddings (N, embed_dim)."""
+    """Image features (N, D), or grid vectors (N, K, D), rows L2-normalized as prep.py writes them
+    -> embeddings (N, embed_dim). Grids in batches of about batch_size x 16 vectors (Lite0's
+    7 x 7: 334 images, 84 MB of input), so that memory stays bounded whatever N."""
     dev = next(model.parameters()).device
     feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+    if feats.dim() == 3:
+        batch_size = max(1, batch_size * 16 // feats.shape[1])
     return torch.cat([model.encode_images(feats[i:i + batch_size].to(dev)) for i in range(0, len(feats), batch_size)])
 
 

@@ -114,7 +114,7 @@ def test_kept_crops_of_the_wrong_shape_are_one_line(kept, tmp_path, case):
 def fake_vgg16(monkeypatch):
     """The tiny backbone in place of VGG16, so that extraction through prep.py takes a second."""
     import features
-    monkeypatch.setattr(features, 'build_backbone', lambda cnn, weights, device, dtype='float32': (tiny_backbone(), 32))
+    monkeypatch.setattr(features, 'build_backbone', lambda cnn, weights, device, dtype='float32', grid=False: (tiny_backbone(), 32))
     monkeypatch.setitem(features.CNN_DIMS, 'vgg16', 32)
     return features
 

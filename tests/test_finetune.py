@@ -41,9 +41,9 @@ def tiny_net():
 def tiny_cnn():
     real = features.build_backbone
 
-    def build(cnn, weights, device, dtype='float32'):
+    def build(cnn, weights, device, dtype='float32', grid=False):
         if cnn != 'tiny':
-            return real(cnn, weights, device, dtype)
+            return real(cnn, weights, device, dtype, grid)
         assert weights == 'random'
         return tiny_net().to(device).eval(), TINY_DIM
 
