@@ -59,7 +59,7 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # What each option must be, checked before any work (options.check_options); --split is checked
 # against the splits the dataset has, --query/--image against each other in check_use_options.
 OPTION_RULES = {
-    'out_dir': (lambda v: v != '', 'a folder train.py wrote'),
+    'out_dir': (lambda v: v != '' and not os.path.isfile(v), 'a folder train.py wrote, not a file'),
     'checkpoint': (lambda v: v != '', 'a checkpoint file name in out_dir, like best.pt'),
     'device': DEVICE,
     'k': at_most(100000, at_least(1)),

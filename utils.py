@@ -283,8 +283,8 @@ def load_tensors(path, device, what, only, damaged):
             calls = f"; loading it would call {code[1]}" if code else ''
             raise UserError(f"{path}: refused: it holds more than tensors (a pickled Python object{calls}), so it "
                             f"is not loaded; {only}") from None
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {lines[0][:150] if lines else ''}); "
-                        f"{damaged}") from None
+        first = lines[0].split('. ')[0][:150] if lines else ''   # PyTorch's first sentence; the rest is its advice
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {first}); {damaged}") from None
 
 
 def load_checkpoint(path, device):
@@ -294,7 +294,7 @@ def load_checkpoint(path, device):
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint")
     ckpt = load_tensors(path, device, 'checkpoint', "load only checkpoints written by train.py",
-                        "it may be truncated: use another copy or train again")
+                        "it may be truncated: use another copy, or train again with another --out_dir")
     missing = [k for k in ('config', 'vocab', 'feature_dim', 'model') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a checkpoint written by train.py (no {', '.join(missing)})")
