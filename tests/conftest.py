@@ -361,6 +361,19 @@ def karpathy_dataset(splits, rng, val_only_word=None):
         images.append({'filename': f'{i}.jpg', 'imgid': i, 'split': split, 'sentences': sentences})
     return {'dataset': 'test', 'images': images}
 
+def dataset_from_array(root, splits, name, array, *options):
+    """dataset.json for `splits` in root, `array` saved there as `name` (our own features: no
+    vgg_feats.mat), and root/data prepared from it with --features= and `options`; returns
+    (prep.py's result, root/data)."""
+    write_pair(root, splits)
+    os.remove(os.path.join(root, 'vgg_feats.mat'))
+    np.save(os.path.join(root, name), array)
+    data = os.path.join(root, 'data')
+    proc = run_here('prep', '--dataset=x', f'--data_dir={data}', f'--dataset_json={os.path.join(root, "dataset.json")}',
+                    f'--features={os.path.join(root, name)}', '--vocab_threshold=1', *options)
+    return proc, type(root)(data)
+
+
 def write_pair(folder, splits, dim=64, seed=0, **kw):
     rng = np.random.default_rng(seed)
     data = karpathy_dataset(splits, rng, **kw)

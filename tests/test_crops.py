@@ -5,7 +5,6 @@ iteration) alone, so that a stopped and resumed run ends bit for bit where an un
 does. Bad crop options are in tests/test_bad_input.py's tables."""
 import importlib
 import json
-import os
 import signal
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, image_dataset, run_here, tiny_backbone, write_pair
+from conftest import assert_user_error, dataset_from_array, image_dataset, run_here, tiny_backbone, write_pair
 from test_reliability import assert_same_run
 
 N_CROPS, DIM = 4, 64
@@ -38,12 +37,7 @@ def unit(x):
 def kept(tmp_path_factory):
     """A dataset.json, its (N, C, D) features and the dataset prepared from them with kept crops."""
     root = tmp_path_factory.mktemp('crops')
-    write_pair(root, SPLITS)
-    os.remove(root / 'vgg_feats.mat')  # the features are ours
-    np.save(root / 'crops.npy', crop_features())
-    data = root / 'data'
-    proc = run_here('prep', '--dataset=x', f'--data_dir={data}', f'--dataset_json={root / "dataset.json"}',
-                    f'--features={root / "crops.npy"}', '--keep_crops=True', '--vocab_threshold=1')
+    proc, data = dataset_from_array(root, SPLITS, 'crops.npy', crop_features(), '--keep_crops=True')
     assert proc.returncode == 0, proc.stderr
     assert '(4 crops each, kept)' in proc.stdout
     return SimpleNamespace(root=root, data=data, json=root / 'dataset.json', npy=root / 'crops.npy')

@@ -5,7 +5,6 @@ train.py's --size_augment drops vectors and words, drawn from (seed, iteration) 
 stopped and resumed run ends bit for bit where an uninterrupted one does. Every input here is
 made by the test itself, and small."""
 import json
-import os
 import signal
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, image_dataset, make_model, run_here, write_pair
+from conftest import assert_user_error, dataset_from_array, image_dataset, make_model, run_here
 from test_reliability import assert_same_run
 
 K, DIM = 6, 16
@@ -34,12 +33,7 @@ def grid_features(seed=0):
 def grids(tmp_path_factory):
     """A dataset.json, an (N, K, D) array and the dataset prepared from it with --grid=True."""
     root = tmp_path_factory.mktemp('grid')
-    write_pair(root, SPLITS)
-    os.remove(root / 'vgg_feats.mat')  # the features are ours
-    np.save(root / 'grid.npy', grid_features())
-    data = root / 'data'
-    proc = run_here('prep', '--dataset=x', f'--data_dir={data}', f'--dataset_json={root / "dataset.json"}',
-                    f'--features={root / "grid.npy"}', '--grid=True', '--vocab_threshold=1')
+    proc, data = dataset_from_array(root, SPLITS, 'grid.npy', grid_features(), '--grid=True')
     assert proc.returncode == 0 and f'({K} grid vectors each)' in proc.stdout, proc.stderr
     np.save(root / 'flat.npy', grid_features().mean(1))   # the same images, one vector each
     proc = run_here('prep', '--dataset=x', f'--data_dir={root / "flat"}', f'--dataset_json={root / "dataset.json"}',
